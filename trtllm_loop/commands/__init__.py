@@ -1,0 +1,1 @@
+"""One module per ``trtllm-loop`` subcommand; see ``trtllm_loop/cli.py``."""

@@ -1,0 +1,285 @@
+"""Parse and validate an IQuestLoopCoder ``config.json``; own the KV-cache slot plan.
+
+Everything downstream (reference model, paged emulator, TRT-LLM adapters, sizing) reads a typed
+:class:`LoopConfig` built once here, and asks this module which KV slot and which window a pass uses:
+
+* pass 1 of layer ``l`` -> KV slot ``2l``, full causal window;
+* pass 2 (local branch) of layer ``l`` -> KV slot ``2l+1``, window ``loop_window_size``
+  (``W`` keys *including* the current token);
+* pass 2 global branch of layer ``l`` -> reads slot ``2l`` (re-appending the identical pass-1 K/V).
+
+Field names, defaults and released values: ``shared/docs/loop-architecture.md`` section 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "iquestloopcoder"
+ARCHITECTURE = "IQuestLoopCoderForCausalLM"
+RELEASED_EOS = (2, 75864, 75869)
+
+# bytes per element of the KV-cache dtypes we size for
+KV_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "nvfp4": 0.5 + 1 / 16}
+
+
+class ConfigError(ValueError):
+    """A config.json value we cannot serve; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One KV-cache layer ("slot") of the 2*L interleaved plan."""
+
+    slot: int          # KV layer index as TRT-LLM sees it
+    layer: int         # physical decoder layer whose weights produce the K/V
+    loop: int          # 0 = pass 1 (global cache), 1 = pass 2 (local cache)
+    window: int | None  # None = full causal; else number of keys incl. the current token
+
+
+# field -> (python types, default); defaults are IQuestLoopCoderConfig's class defaults
+_FIELDS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "vocab_size": ((int,), 76800),
+    "hidden_size": ((int,), 5120),
+    "intermediate_size": ((int,), 27648),
+    "num_hidden_layers": ((int,), 80),
+    "num_attention_heads": ((int,), 40),
+    "num_key_value_heads": ((int, type(None)), 8),
+    "head_dim": ((int, type(None)), None),
+    "hidden_act": ((str,), "silu"),
+    "max_position_embeddings": ((int,), 8192),
+    "initializer_range": ((float, int), 0.02),
+    "rms_norm_eps": ((float, int), 1e-5),
+    "use_cache": ((bool,), True),
+    "rope_theta": ((float, int), 500000.0),
+    "rope_scaling": ((dict, type(None)), None),
+    "attention_bias": ((bool,), False),
+    "attention_dropout": ((float, int), 0.0),
+    "mlp_bias": ((bool,), False),
+    "tie_word_embeddings": ((bool,), False),
+    "loop_num": ((int,), 2),
+    "loop_window_size": ((int,), 64),
+    "bos_token_id": ((int, type(None)), 1),
+    "eos_token_id": ((int, list, tuple, type(None)), 2),
+    "pad_token_id": ((int, type(None)), None),
+    "torch_dtype": ((str, type(None)), None),
+}
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "loop_window_size")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    vocab_size: int = 76800
+    hidden_size: int = 5120
+    intermediate_size: int = 27648
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    loop_num: int = 2
+    loop_window_size: int = 64
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # keys we carry but do not use
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "LoopConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        mt = d.get("model_type")
+        if mt != MODEL_TYPE:
+            raise ConfigError(f"{source}: field 'model_type' is {mt!r}; allowed: {MODEL_TYPE!r} "
+                              "(IQuest-Coder-V1 Loop checkpoints only)")
+        archs = d.get("architectures")
+        if archs is not None and (not isinstance(archs, list) or any(a != ARCHITECTURE for a in archs)):
+            raise ConfigError(f"{source}: field 'architectures' is {archs!r}; allowed: [{ARCHITECTURE!r}]")
+        vals: dict[str, Any] = {}
+        for name, (types, default) in _FIELDS.items():
+            v = d.get(name, default)
+            if name == "torch_dtype" and v is None:
+                v = d.get("dtype")  # transformers >= 5 writes "dtype"
+            ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+            if not ok:
+                allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ConfigError(f"{source}: field {name!r} is {v!r} ({type(v).__name__}); expected {allowed}")
+            vals[name] = v
+        for name in _POSITIVE:
+            if vals[name] <= 0:
+                raise ConfigError(f"{source}: field {name!r} is {vals[name]}; it must be a positive integer")
+        if vals["loop_num"] != 2:
+            raise ConfigError(
+                f"{source}: field 'loop_num' is {vals['loop_num']}; only loop_num = 2 is supported "
+                "(the released Loop models; loop_num > 2 behaves differently in every public implementation "
+                "and no checkpoint uses it)")
+        if vals["hidden_act"] != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' is {vals['hidden_act']!r}; allowed: 'silu'")
+        rs = vals["rope_scaling"]
+        if rs is not None and (rs.get("rope_type", rs.get("type")) not in ("default", None) or
+                               float(rs.get("factor", 1.0)) != 1.0):
+            raise ConfigError(f"{source}: field 'rope_scaling' is {rs!r}; allowed: null or "
+                              "{'rope_type': 'default'} (the Loop models use plain RoPE, no scaling)")
+        for name in ("attention_bias", "mlp_bias"):
+            if vals[name]:
+                raise ConfigError(f"{source}: field {name!r} is true; allowed: false (the Loop architecture "
+                                  "has bias-free projections)")
+        if vals["num_key_value_heads"] is None:
+            vals["num_key_value_heads"] = vals["num_attention_heads"]
+        h, hkv = vals["num_attention_heads"], vals["num_key_value_heads"]
+        if hkv <= 0 or h % hkv:
+            raise ConfigError(f"{source}: field 'num_key_value_heads' is {hkv}; it must divide "
+                              f"num_attention_heads = {h} (allowed: {[x for x in range(1, h + 1) if h % x == 0]})")
+        if vals["head_dim"] is None:
+            if vals["hidden_size"] % h:
+                raise ConfigError(f"{source}: field 'head_dim' is missing and hidden_size {vals['hidden_size']} "
+                                  f"is not divisible by num_attention_heads {h}; set 'head_dim' explicitly")
+            vals["head_dim"] = vals["hidden_size"] // h
+        if vals["head_dim"] <= 0 or vals["head_dim"] % 2:
+            raise ConfigError(f"{source}: field 'head_dim' is {vals['head_dim']}; it must be a positive even "
+                              "integer (rotate-half RoPE pairs dims i and i + head_dim/2)")
+        if vals["rms_norm_eps"] <= 0 or vals["rope_theta"] <= 0:
+            raise ConfigError(f"{source}: fields 'rms_norm_eps' and 'rope_theta' must be > 0")
+        eos = vals["eos_token_id"]
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        for e in eos:
+            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < vals["vocab_size"]:
+                raise ConfigError(f"{source}: field 'eos_token_id' has {e!r}; each id must be an integer in "
+                                  f"[0, vocab_size={vals['vocab_size']})")
+        vals["eos_token_id"] = eos
+        for name in ("bos_token_id", "pad_token_id"):
+            v = vals[name]
+            if v is not None and not 0 <= v < vals["vocab_size"]:
+                raise ConfigError(f"{source}: field {name!r} is {v}; allowed: null or an id in "
+                                  f"[0, vocab_size={vals['vocab_size']})")
+        dt = vals["torch_dtype"]
+        if dt is not None and dt not in _DTYPES:
+            raise ConfigError(f"{source}: field 'torch_dtype' is {dt!r}; allowed: {list(_DTYPES)}")
+        vals["rms_norm_eps"] = float(vals["rms_norm_eps"])
+        vals["rope_theta"] = float(vals["rope_theta"])
+        vals["initializer_range"] = float(vals["initializer_range"])
+        vals["attention_dropout"] = float(vals["attention_dropout"])
+        extra = {k: v for k, v in d.items() if k not in _FIELDS and k not in ("model_type", "dtype")}
+        return cls(**vals, extra=extra)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LoopConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; a checkpoint directory must contain config.json")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """The HF ``config.json`` view (80 layers, loop fields), suitable for writing back."""
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        d["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        out = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
+        out.update({k: v for k, v in self.extra.items() if k != "architectures"})
+        out.update(d)
+        return out
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head; query head h reads KV head h // group_size."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def num_kv_slots(self) -> int:
+        return self.num_hidden_layers * self.loop_num
+
+    # ------------------------------------------------------------------ slot plan
+    @staticmethod
+    def pass1_slot(layer: int) -> int:
+        return 2 * layer
+
+    @staticmethod
+    def pass2_slot(layer: int) -> int:
+        return 2 * layer + 1
+
+    def slot_plan(self) -> list[SlotSpec]:
+        """The 2L interleaved KV slots: (2l: pass 1, full), (2l+1: pass 2 local, window W)."""
+        plan = []
+        for layer in range(self.num_hidden_layers):
+            plan.append(SlotSpec(self.pass1_slot(layer), layer, 0, None))
+            plan.append(SlotSpec(self.pass2_slot(layer), layer, 1, self.loop_window_size))
+        return plan
+
+    def slot_windows(self, max_seq_len: int) -> list[int]:
+        """Per-slot attention window, as TRT-LLM's ``max_attention_window`` (full slots get max_seq_len)."""
+        return [max_seq_len if s.window is None else min(s.window, max_seq_len) for s in self.slot_plan()]
+
+    def window_pattern(self, max_seq_len: int) -> list[int]:
+        """The repeating 2-element pattern ``[max_seq_len, W]`` TRT-LLM expands over the 2L slots."""
+        return self.slot_windows(max_seq_len)[:2]
+
+    def kv_bytes_per_token(self, dtype: str = "bfloat16") -> dict[str, float]:
+        """K+V bytes per token: ``pass1`` (full cache, grows with T) and ``pass2`` (window cache, only
+        the last W tokens of a sequence are ever held), summed over all layers."""
+        if dtype not in KV_DTYPE_BYTES:
+            raise ConfigError(f"KV dtype {dtype!r} unknown; allowed: {sorted(KV_DTYPE_BYTES)}")
+        per_layer = 2 * self.kv_size * KV_DTYPE_BYTES[dtype]
+        return {"pass1": per_layer * self.num_hidden_layers, "pass2": per_layer * self.num_hidden_layers}
+
+    def kv_bytes_per_sequence(self, seq_len: int, dtype: str = "bfloat16") -> float:
+        b = self.kv_bytes_per_token(dtype)
+        return b["pass1"] * seq_len + b["pass2"] * min(seq_len, self.loop_window_size)
+
+    # ------------------------------------------------------------------ checkpoint contract
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the released HF layout with its shape (``[out, in]`` for Linear weights)."""
+        hd, H, D, kv, F = self.hidden_size, self.num_attention_heads, self.head_dim, self.kv_size, \
+            self.intermediate_size
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, hd), "model.norm.weight": (hd,)}
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "self_attn.q_proj.weight": (H * D, hd),
+                p + "self_attn.k_proj.weight": (kv, hd),
+                p + "self_attn.v_proj.weight": (kv, hd),
+                p + "self_attn.o_proj.weight": (hd, H * D),
+                p + "mlp.gate_proj.weight": (F, hd),
+                p + "mlp.up_proj.weight": (F, hd),
+                p + "mlp.down_proj.weight": (hd, F),
+                p + "input_layernorm.weight": (hd,),
+                p + "post_attention_layernorm.weight": (hd,),
+                f"model.gate_projections.{i}.weight": (H, D),
+                f"model.gate_projections.{i}.bias": (H,),
+            })
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, hd)
+        return shapes
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(s) for s in self.tensor_shapes().values())
