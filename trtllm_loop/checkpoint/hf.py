@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
+from trtllm_loop.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor
 from trtllm_loop.errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -35,37 +35,36 @@ def weight_map(ckpt: str | Path) -> dict[str, Path]:
             out[name] = f
         return out
     if (ckpt / SINGLE).is_file():
-        with _open(ckpt / SINGLE) as f:
-            return {name: ckpt / SINGLE for name in f.keys()}
+        return {name: ckpt / SINGLE for name in read_header(ckpt / SINGLE)[0]}
     raise UserError(f"{ckpt}: no {SINGLE} or {INDEX}; expected an HF-layout checkpoint directory")
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-        raise UserError(f"{path}: cannot read safetensors file ({e}); the file is truncated or corrupt, "
-                        "copy it again") from None
+def tensor_index(ckpt: str | Path) -> dict[str, TensorInfo]:
+    """name -> :class:`TensorInfo` (file, dtype, shape, byte range) for every tensor, from the shard headers.
+    Raises if a tensor the index lists is absent from its shard, or a shard is truncated."""
+    wm = weight_map(ckpt)
+    headers: dict[Path, dict[str, TensorInfo]] = {}
+    out = {}
+    for name, shard in wm.items():
+        if shard not in headers:
+            headers[shard] = read_header(shard)[0]
+        info = headers[shard].get(name)
+        if info is None:
+            raise UserError(f"{shard}: tensor {name!r} is listed in {INDEX} but not stored in this shard; the "
+                            "index and shards come from different exports, copy the complete checkpoint again")
+        out[name] = info
+    return out
 
 
 def iter_tensors(ckpt: str | Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` shard by shard, one tensor at a time (sorted by shard for locality)."""
-    wm = weight_map(ckpt)
-    names = sorted(wm) if names is None else names
-    by_shard: dict[Path, list[str]] = {}
+    """Yield ``(name, tensor)`` shard by shard, one tensor at a time (in file order for locality)."""
+    idx = tensor_index(ckpt)
+    names = list(idx) if names is None else names
     for n in names:
-        if n not in wm:
+        if n not in idx:
             raise UserError(f"{ckpt}: tensor {n!r} is not in the checkpoint")
-        by_shard.setdefault(wm[n], []).append(n)
-    for shard, ns in sorted(by_shard.items()):
-        with _open(shard) as f:
-            for n in ns:
-                try:
-                    t = f.get_tensor(n)
-                except Exception as e:
-                    raise UserError(f"{shard}: tensor {n!r} cannot be read ({e}); the shard is truncated or "
-                                    "corrupt, copy it again") from None
-                yield n, t
+    for n in sorted(names, key=lambda n: (str(idx[n].file), idx[n].start)):
+        yield n, read_tensor(idx[n])
 
 
 def load_hf_state_dict(ckpt: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -4,11 +4,11 @@ Every runtime of this project -- the HF reference model, the paged runtime emula
 adapters -- runs :func:`loop_forward` (or translates it one-to-one). What differs between them is only the
 *attention backend*: an object that implements TRT-LLM's attention contract
 
-    ``backend.attend(slot, q, k, v, window) -> out``
-        q ``[..., H, D]``, k/v ``[..., Hkv, D]`` are **pre-RoPE**; the backend applies RoPE at the step's
-        positions, writes k/v into KV slot ``slot`` at those positions (writing identical values again is a
-        no-op), and returns the attention of q over the slot's keys up to each query's position, restricted to
-        the last ``window`` keys (current one included) when ``window`` is not None.
+    ``backend.attend(slot, qkv, window) -> out [..., H, D]``
+        qkv ``[..., (H + 2 Hkv) * D]`` is the **fused, pre-RoPE** q|k|v (:func:`split_qkv`); the backend
+        applies RoPE at the step's positions, writes k/v into KV slot ``slot`` at those positions (writing
+        identical values again is a no-op), and returns the attention of q over the slot's keys up to each
+        query's position, restricted to the last ``window`` keys (current one included) when ``window`` is set.
     ``backend.rope_q(q) -> q_rot``
         RoPE of a query at the step's positions (the gate reads the post-RoPE query).
 
@@ -85,14 +85,19 @@ def mix(gate: torch.Tensor, global_out: torch.Tensor, local_out: torch.Tensor) -
     return gate * global_out + (1 - gate) * local_out
 
 
-def project_qkv(layer, a: torch.Tensor, cfg: LoopConfig):
-    """Pre-RoPE q ``[..., H, D]``, k, v ``[..., Hkv, D]`` of a decoder layer."""
+def project_qkv(layer, a: torch.Tensor) -> torch.Tensor:
+    """Fused pre-RoPE ``q|k|v`` ``[..., q_size + 2 * kv_size]`` of a decoder layer (TRT-LLM's qkv_proj)."""
     attn = layer.self_attn
-    shape = a.shape[:-1]
-    q = attn.q_proj(a).view(*shape, cfg.num_attention_heads, cfg.head_dim)
-    k = attn.k_proj(a).view(*shape, cfg.num_key_value_heads, cfg.head_dim)
-    v = attn.v_proj(a).view(*shape, cfg.num_key_value_heads, cfg.head_dim)
-    return q, k, v
+    return torch.cat([attn.q_proj(a), attn.k_proj(a), attn.v_proj(a)], dim=-1)
+
+
+def split_qkv(qkv: torch.Tensor, cfg: LoopConfig):
+    """Fused ``[..., q_size + 2 * kv_size]`` -> q ``[..., H, D]``, k ``[..., Hkv, D]``, v ``[..., Hkv, D]``."""
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    shape = qkv.shape[:-1]
+    return (q.reshape(*shape, cfg.num_attention_heads, cfg.head_dim),
+            k.reshape(*shape, cfg.num_key_value_heads, cfg.head_dim),
+            v.reshape(*shape, cfg.num_key_value_heads, cfg.head_dim))
 
 
 def finish_layer(layer, h: torch.Tensor, attn_heads: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
@@ -109,18 +114,20 @@ def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig) -> torch.Tens
     ``model`` has ``layers`` (decoder layers), ``gate_projections`` and ``norm`` (the HF module names);
     h is the embedded input ``[..., hidden]``.
     """
-    eps, W = cfg.rms_norm_eps, cfg.loop_window_size
-    stash = []  # pass-1 pre-RoPE K/V of this step, per layer (re-appended by the pass-2 global branch)
+    eps, W, qs = cfg.rms_norm_eps, cfg.loop_window_size, cfg.q_size
+    stash = []  # pass-1 pre-RoPE k|v of this step, per layer (re-appended by the pass-2 global branch)
     for l, layer in enumerate(model.layers):  # pass 1: plain Llama
-        q, k, v = project_qkv(layer, rms_norm(h, layer.input_layernorm.weight, eps), cfg)
-        out = backend.attend(cfg.pass1_slot(l), q, k, v, None)
-        stash.append((k, v))
+        qkv = project_qkv(layer, rms_norm(h, layer.input_layernorm.weight, eps))
+        out = backend.attend(cfg.pass1_slot(l), qkv, None)
+        stash.append(qkv[..., qs:])
         h = finish_layer(layer, h, out, cfg)
     for l, layer in enumerate(model.layers):  # pass 2: gated mix of global and local attention
-        q, k, v = project_qkv(layer, rms_norm(h, layer.input_layernorm.weight, eps), cfg)
+        qkv = project_qkv(layer, rms_norm(h, layer.input_layernorm.weight, eps))
+        q = qkv[..., :qs]
         gp = model.gate_projections[l]
-        gate = compute_gate(backend.rope_q(q), gp.weight, gp.bias)
-        global_out = backend.attend(cfg.pass1_slot(l), q, *stash[l], None)
-        local_out = backend.attend(cfg.pass2_slot(l), q, k, v, W)
+        gate = compute_gate(backend.rope_q(q.unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))),
+                            gp.weight, gp.bias)
+        global_out = backend.attend(cfg.pass1_slot(l), torch.cat([q, stash[l]], dim=-1), None)
+        local_out = backend.attend(cfg.pass2_slot(l), qkv, W)
         h = finish_layer(layer, h, mix(gate, global_out, local_out), cfg)
     return rms_norm(h, model.norm.weight, eps)

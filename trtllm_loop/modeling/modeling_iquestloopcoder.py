@@ -16,7 +16,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trtllm_loop.modeling.configuration import IQuestLoopCoderConfig
-from trtllm_loop.modeling.loop import apply_rope, attention_core, loop_forward, rope_cos_sin, window_mask
+from trtllm_loop.modeling.loop import (apply_rope, attention_core, loop_forward, rope_cos_sin, split_qkv,
+                                      window_mask)
 
 DEBUG = os.environ.get("TRTLLM_LOOP_DEBUG", "0") not in ("", "0")
 
@@ -111,8 +112,9 @@ class ContiguousBackend:
     def rope_q(self, q):
         return apply_rope(q, self.cos, self.sin)
 
-    def attend(self, slot: int, q, k, v, window):
+    def attend(self, slot: int, qkv, window):
         layer, loop = divmod(slot, 2)
+        q, k, v = split_qkv(qkv, self.cfg)
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         c = self.cache
         if loop == 0:  # full slot: append at [past, past+T) unless this step already wrote it (re-append)

@@ -1,0 +1,59 @@
+"""Build the reference model from a checkpoint directory in any format ``trtllm_loop.checkpoint`` reads.
+
+Strict and loud: the first missing, unexpected or misshapen tensor is named with the file and the fix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trtllm_loop.config import LoopConfig
+from trtllm_loop.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} unknown; allowed: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_state_dict(cfg: LoopConfig, sd: dict[str, torch.Tensor], source: str) -> None:
+    expected = cfg.tensor_shapes()
+    for name, shape in expected.items():
+        if name not in sd:
+            hint = (" (the loop gate: exporters that drop it produce a model that runs with g = 0.5 and wrong "
+                    "outputs; re-export including model.gate_projections.*)" if "gate_projections" in name else "")
+            raise UserError(f"{source}: tensor {name!r} is missing{hint}")
+        if tuple(sd[name].shape) != shape:
+            raise UserError(f"{source}: tensor {name!r} has shape {list(sd[name].shape)}, expected {list(shape)} "
+                            "from config.json; the checkpoint and its config.json do not match")
+    extra = sorted(set(sd) - set(expected) - {"lm_head.weight"})
+    if extra:
+        raise UserError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all); "
+                        "this is not an IQuestLoopCoder checkpoint for this config.json")
+
+
+def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32"):
+    """-> ``IQuestLoopCoderForCausalLM`` in eval mode with the checkpoint's (dequantized) weights."""
+    from trtllm_loop.checkpoint import load_state_dict
+    from trtllm_loop.modeling import IQuestLoopCoderConfig, IQuestLoopCoderForCausalLM
+
+    dt = torch_dtype(dtype)
+    cfg = LoopConfig.from_file(ckpt)
+    sd = load_state_dict(ckpt, dt)
+    check_state_dict(cfg, sd, str(ckpt))
+    hf_cfg = IQuestLoopCoderConfig(**{k: v for k, v in cfg.to_dict().items()
+                                      if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("meta"):
+        model = IQuestLoopCoderForCausalLM(hf_cfg)
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dt).eval()

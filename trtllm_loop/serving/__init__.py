@@ -1,0 +1,1 @@
+"""Triton serving: tokenizer, model repository rendering, server launcher, clients."""
