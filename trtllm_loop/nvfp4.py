@@ -111,8 +111,8 @@ def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor | float | None = Non
     s = (gs * bamax).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     s_f = s.float()
     s_f = torch.where(s_f == 0, torch.full_like(s_f, torch.finfo(torch.float8_e4m3fn).eps), s_f)
-    scale = (s_f / gs).to(w.dtype).float()  # compressed-tensors divides in the weight's dtype
-    codes = encode_e2m1(blk.float() / scale.unsqueeze(-1))
+    scale = (s_f / gs).to(w.dtype)  # compressed-tensors divides in the weight's dtype
+    codes = encode_e2m1((blk / scale.unsqueeze(-1)).float())
     return pack_nibbles(codes.flatten(1)), s, gs.reshape(1)
 
 

@@ -1,0 +1,126 @@
+"""``trtllm-loop generate``: sample from a checkpoint with the paged runtime (in-flight batched, on CPU)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from trtllm_loop.errors import UserError
+
+HELP = """\
+Generate with the paged runtime emulator (the reference for every serving backend). Prompts are token
+ids (--prompt-ids: a JSON file or a comma-separated list; repeat for a batch) or text (--prompt, needs the
+checkpoint's tokenizer; --chat wraps it in the chat template). Several prompts run together with in-flight
+batching. Stops at any eos id of config.json, a --stop sequence, or --max-tokens.
+
+examples:
+  trtllm-loop generate /tmp/tiny --prompt-ids 1,2,3 --max-tokens 8
+  trtllm-loop generate /tmp/tiny --prompt "def fib(n):" --temperature 0.6 --top-p 0.85 --top-k 20 --seed 0
+"""
+
+
+def register(sub):
+    import argparse
+
+    p = sub.add_parser("generate", help="sample tokens/text with the paged runtime", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", action="append", help="JSON file or comma-separated ids; repeatable")
+    src.add_argument("--prompt", action="append", help="prompt text (needs tokenizer files); repeatable")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (text, or ids with --prompt-ids)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tokens-per-block", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt at the end")
+    p.set_defaults(func=run)
+
+
+def parse_ids(spec: str) -> list[int]:
+    path = Path(spec)
+    try:
+        if path.suffix == ".json" or path.is_file():
+            ids = json.loads(path.read_text())
+        else:
+            ids = [int(x) for x in spec.replace(" ", "").split(",") if x]
+    except (ValueError, json.JSONDecodeError, FileNotFoundError) as e:
+        raise UserError(f"--prompt-ids {spec!r}: expected a JSON file of ids or '1,2,3' ({e})") from None
+    if not ids or not all(isinstance(t, int) for t in ids):
+        raise UserError(f"--prompt-ids {spec!r}: expected a non-empty list of integer ids")
+    return ids
+
+
+def load_tokenizer(ckpt: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(ckpt)
+    except Exception as e:
+        raise UserError(f"{ckpt}: no usable tokenizer ({type(e).__name__}: {e}); use --prompt-ids, or add "
+                        "tokenizer files (tokenizer.model + tokenizer_config.json)") from None
+
+
+def run(args) -> int:
+    from trtllm_loop.runtime import LoopRuntime, SamplingParams
+
+    tok = None
+    if args.prompt:
+        tok = load_tokenizer(args.ckpt)
+        if args.chat:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                               tokenize=True) for t in args.prompt]
+            prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+        else:
+            prompts = [tok.encode(t, add_special_tokens=False) for t in args.prompt]
+        stops = [tok.encode(s, add_special_tokens=False) for s in args.stop]
+    else:
+        prompts = [parse_ids(s) for s in args.prompt_ids]
+        stops = [parse_ids(s) for s in args.stop]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_sequences=stops, ignore_eos=args.ignore_eos)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rt = LoopRuntime.from_checkpoint(args.ckpt, args.dtype, tokens_per_block=args.tokens_per_block,
+                                     chunk_size=args.chunk, max_batch_size=max(1, len(prompts)))
+    try:
+        rids = [rt.add_request(p, params) for p in prompts]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    outputs = {r: [] for r in rids}
+    reasons = {}
+    stream = len(prompts) == 1 and not args.json
+    shown = ""
+    while rt.has_unfinished():
+        for o in rt.step():
+            outputs[o.request_id] += o.token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+            if stream and o.token_ids:
+                if tok is None:
+                    print(" ".join(map(str, o.token_ids)), end=" ", flush=True)
+                else:
+                    text = tok.decode(outputs[o.request_id], skip_special_tokens=True)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                        sys.stdout.write(text[len(shown):])
+                        sys.stdout.flush()
+                        shown = text
+    if stream:
+        print(f"\n[{reasons[rids[0]]}, {len(outputs[rids[0]])} tokens]")
+    for i, r in enumerate(rids):
+        rec = {"prompt_ids": prompts[i], "output_ids": outputs[r], "finish_reason": reasons[r]}
+        if tok is not None:
+            rec["text"] = tok.decode(outputs[r], skip_special_tokens=True)
+        if args.json:
+            print(json.dumps(rec))
+        elif not stream:
+            print(f"[{i}] {rec.get('text', outputs[r])}  ({reasons[r]}, {len(outputs[r])} tokens)")
+    return 0

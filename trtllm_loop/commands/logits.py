@@ -1,0 +1,145 @@
+"""``trtllm-loop logits``: the conformance entry point -- fp32 logits of every position, per backend mode."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from trtllm_loop.errors import UserError
+
+MODES = ("prefill", "decode", "paged", "torch-backend")
+HELP = """\
+Compute float32 logits for every position of every sequence, with one of the project's backends:
+
+  prefill        the reference model, one full-sequence forward per sequence
+  decode         the reference model, one token at a time through its LoopCache
+  paged          all sequences together through the paged runtime emulator: the first --prefill-len
+                 tokens in chunks of --chunk, the rest teacher-forced one step at a time
+  torch-backend  the TensorRT-LLM PyTorch-backend adapter (on the API double when TRT-LLM is missing)
+
+With one --ids, OUT is a .npy of shape [T, V]; with several, OUT is a directory of 0.npy, 1.npy, ...
+An --ids file holds a JSON list of token ids (or a list of such lists).
+
+example:
+  trtllm-loop logits CKPT --ids a.json --ids b.json --mode paged --chunk 5 --tokens-per-block 4 --out out/
+"""
+
+
+def register(sub):
+    import argparse
+
+    p = sub.add_parser("logits", help="fp32 logits of every position (conformance entry point)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("--ids", action="append", required=True, metavar="FILE.json",
+                   help="token ids (JSON list); repeat for several sequences")
+    p.add_argument("--mode", default="prefill", choices=MODES)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tokens-per-block", type=int, default=16, help="paged modes: KV block size in tokens")
+    p.add_argument("--chunk", type=int, default=256, help="paged modes: context chunk size in tokens")
+    p.add_argument("--prefill-len", type=int, default=None,
+                   help="paged modes: tokens run as context (default all); the rest one per step")
+    p.add_argument("--tp", type=int, default=1, help="torch-backend: tensor-parallel size (simulated ranks)")
+    p.add_argument("--out", required=True, help=".npy file (one sequence) or directory (several)")
+    p.set_defaults(func=run)
+
+
+def read_ids(files: list[str]) -> list[list[int]]:
+    seqs = []
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{f}: --ids file not found") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f}: not valid JSON ({e}); expected a list of token ids") from None
+        group = data if data and isinstance(data[0], list) else [data]
+        for s in group:
+            if not isinstance(s, list) or not s or not all(isinstance(t, int) and not isinstance(t, bool) for t in s):
+                raise UserError(f"{f}: expected a non-empty JSON list of integer token ids")
+            seqs.append(s)
+    return seqs
+
+
+def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32", tokens_per_block: int = 16,
+            chunk: int = 256, prefill_len: int | None = None, tp: int = 1) -> list[np.ndarray]:
+    import torch
+
+    from trtllm_loop.config import LoopConfig
+
+    cfg = LoopConfig.from_file(ckpt)
+    for i, s in enumerate(seqs):
+        bad = [t for t in s if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise UserError(f"sequence {i}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    if mode == "torch-backend":
+        from trtllm_loop.trtllm.torch_backend import run_logits
+
+        return run_logits(ckpt, seqs, dtype=dtype, tokens_per_block=tokens_per_block, chunk=chunk,
+                          prefill_len=prefill_len, tp_size=tp)
+    if tp != 1:
+        raise UserError("--tp applies to --mode torch-backend only")
+    from trtllm_loop.modeling.load import load_model
+
+    model = load_model(ckpt, dtype)
+    out = []
+    with torch.no_grad():
+        if mode == "paged":
+            from trtllm_loop.runtime import LoopRuntime
+
+            rt = LoopRuntime(model, tokens_per_block=tokens_per_block, chunk_size=chunk,
+                             max_num_tokens=max(chunk * len(seqs), len(seqs)), max_batch_size=len(seqs),
+                             max_seq_len=max(len(s) for s in seqs) + 1)
+            return [x.numpy() for x in rt.score(seqs, prefill_len)]
+        for s in seqs:
+            ids = torch.tensor([s])
+            if mode == "prefill":
+                out.append(model(ids).logits[0].float().numpy())
+            else:
+                cache, rows = None, []
+                for t in range(len(s)):
+                    o = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    cache = o.past_key_values
+                    rows.append(o.logits[0, -1].float())
+                out.append(torch.stack(rows).numpy())
+    return out
+
+
+def write_outputs(arrays: list[np.ndarray], out: str) -> None:
+    """Atomic: one .npy, or a directory of i.npy written to a temp dir and renamed."""
+    out_p = Path(out)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    if len(arrays) == 1 and out.endswith(".npy"):
+        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=out_p.parent)
+        os.close(fd)
+        np.save(tmp, arrays[0].astype(np.float32))
+        os.replace(tmp, out_p)
+        return
+    if len(arrays) == 1 and not out_p.is_dir() and not out.endswith("/"):
+        raise UserError(f"--out {out}: with one --ids, give a path ending in .npy")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
+    try:
+        for i, a in enumerate(arrays):
+            np.save(tmp / f"{i}.npy", a.astype(np.float32))
+        if out_p.exists():
+            shutil.rmtree(out_p)
+        os.replace(tmp, out_p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run(args) -> int:
+    seqs = read_ids(args.ids)
+    if args.tokens_per_block <= 0 or args.chunk <= 0:
+        raise UserError("--tokens-per-block and --chunk must be positive")
+    arrays = compute(args.ckpt, seqs, args.mode, args.dtype, args.tokens_per_block, args.chunk,
+                     args.prefill_len, args.tp)
+    write_outputs(arrays, args.out)
+    shapes = ", ".join(str(list(a.shape)) for a in arrays)
+    print(f"wrote {len(arrays)} logits array(s) {shapes} to {args.out} (mode {args.mode}, {args.dtype})")
+    return 0
