@@ -101,7 +101,7 @@ def quantize(w: torch.Tensor, g: torch.Tensor | float | None = None
 def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor | float | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """llm-compressor / compressed-tensors NVFP4 rounding: ``s = fp8(clamp(gs * bf16(block_amax/6), ±448))``
-    and ``codes = rne(x / (s / gs))`` with ``gs`` the (bf16-rounded) divisor. Returns
+    and ``codes = rne(x / (s / gs))`` in fp32, ``gs`` the (bf16-rounded) divisor. Returns
     (packed, fp8 scale, fp32 ``weight_global_scale`` of shape (1,))."""
     if global_scale is None:
         global_scale = (GLOBAL_DIV / w.abs().amax().float()).to(torch.bfloat16)
@@ -111,22 +111,27 @@ def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor | float | None = Non
     s = (gs * bamax).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     s_f = s.float()
     s_f = torch.where(s_f == 0, torch.full_like(s_f, torch.finfo(torch.float8_e4m3fn).eps), s_f)
-    scale = (s_f / gs).to(w.dtype)  # compressed-tensors divides in the weight's dtype
-    codes = encode_e2m1((blk / scale.unsqueeze(-1)).float())
-    return pack_nibbles(codes.flatten(1)), s, gs.reshape(1)
+    codes = encode_e2m1(blk.float() / (s_f / gs).unsqueeze(-1))
+    return pack_nibbles(codes.flatten(1)), s_f.to(torch.float8_e4m3fn), gs.reshape(1)
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, g: torch.Tensor | float,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Packed ``[N, K/2]`` + fp8 ``[N, K/16]`` + multiplier ``g`` -> dense ``[N, K]`` (computed in fp32)."""
-    vals = decode_e2m1(unpack_nibbles(packed))
-    n, k = vals.shape
-    if scale.shape != (n, k // BLOCK):
+    """Packed ``[N, K/2]`` + fp8 ``[N, K/16]`` + multiplier ``g`` -> dense ``[N, K]`` (computed in fp32, in row
+    chunks so the temporaries stay small for 27648 x 5120 weights)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if packed.dim() != 2 or scale.shape != (n, k // BLOCK):
         raise ValueError(f"block scale shape {tuple(scale.shape)} does not match packed {tuple(packed.shape)}"
                          f" (expected {(n, k // BLOCK)})")
     g = torch.as_tensor(g, dtype=torch.float32).reshape(())
-    w = (vals.view(n, -1, BLOCK) * scale.float().unsqueeze(-1)).flatten(1) * g
-    return w.to(dtype)
+    table = E2M1_VALUES.to(packed.device)
+    out = torch.empty(n, k, dtype=dtype)
+    step = max(1, (1 << 22) // max(k, 1))
+    for r in range(0, n, step):
+        vals = table[unpack_nibbles(packed[r:r + step]).long()]
+        blk = vals.view(vals.shape[0], -1, BLOCK) * scale[r:r + step].float().unsqueeze(-1)
+        out[r:r + step] = (blk.flatten(1) * g).to(dtype)
+    return out
 
 
 def rescale_to_global(packed: torch.Tensor, scale: torch.Tensor, g_old: torch.Tensor, g_new: torch.Tensor

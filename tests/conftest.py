@@ -1,0 +1,70 @@
+"""Shared test helpers: golden cases, synthetic checkpoints, the NumPy oracle."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import save_file
+
+import trtllm_loop  # noqa: F401  (registers the model with transformers)
+from trtllm_loop.config import LoopConfig
+from trtllm_loop.synth import random_weights
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("TRTLLM_LOOP_GOLDEN", REPO.parent / "shared" / "golden"))
+GOLDEN_CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "expected_logits.npy").is_file()) \
+    if GOLDEN.is_dir() else []
+if not GOLDEN_CASES:
+    raise RuntimeError(f"golden cases not found at {GOLDEN}: check out shared/ beside the repository or set "
+                       "TRTLLM_LOOP_GOLDEN")
+
+
+def golden(name: str):
+    d = GOLDEN / name
+    return d, json.loads((d / "input_ids.json").read_text()), np.load(d / "expected_logits.npy")
+
+
+BASE = dict(model_type="iquestloopcoder", architectures=["IQuestLoopCoderForCausalLM"], vocab_size=96,
+            hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=500000.0, loop_num=2,
+            loop_window_size=8, tie_word_embeddings=False, max_position_embeddings=4096, bos_token_id=1,
+            eos_token_id=2, torch_dtype="float32")
+
+
+def make_checkpoint(path: Path, seed: int = 0, gate_bias: float | None = None, gate_weight_zero: bool = False,
+                    **overrides) -> tuple[Path, dict, dict]:
+    """Write a float32 checkpoint; returns (dir, config dict, float64 weights for the oracle)."""
+    conf = dict(BASE, **overrides)
+    cfg = LoopConfig.from_dict(conf)
+    sd = random_weights(cfg, seed, torch.float32)
+    # the released-style +2 gate bias is synth's default; many tests want varied gates instead
+    g = torch.Generator().manual_seed(seed + 1)
+    for l in range(cfg.num_hidden_layers):
+        b = sd[f"model.gate_projections.{l}.bias"]
+        sd[f"model.gate_projections.{l}.bias"] = (torch.randn(b.shape, generator=g) * 0.8) if gate_bias is None \
+            else torch.full_like(b, gate_bias)
+        if gate_weight_zero:
+            sd[f"model.gate_projections.{l}.weight"].zero_()
+        else:
+            sd[f"model.gate_projections.{l}.weight"] = torch.randn(sd[f"model.gate_projections.{l}.weight"].shape,
+                                                                   generator=g) / cfg.head_dim ** 0.5
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(conf))
+    return path, conf, {k: v.double().numpy() for k, v in sd.items()}
+
+
+def oracle_weights(ckpt: Path) -> dict:
+    return {k: v.astype(np.float64) for k, v in load_np(str(ckpt / "model.safetensors")).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    from trtllm_loop.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=3, dtype="float32", tokenizer=False)

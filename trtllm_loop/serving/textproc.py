@@ -1,0 +1,244 @@
+"""Text side of the Triton models: tokenizer loading, prompt rendering (chat template), word lists,
+incremental detokenization and text-level stop strings.
+
+This file is copied verbatim into every rendered Python model as ``1/loop_text.py`` (the Python backend puts
+the version directory on ``sys.path``), so it imports only numpy, transformers and the standard library.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+MAX_STOP_WORDS = 64
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class RequestError(ValueError):
+    """A bad request; the message names the input tensor and the fix. Sent back as the Triton error."""
+
+
+def load_tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    if not tokenizer_dir or tokenizer_dir.startswith("${"):
+        raise RuntimeError("parameter tokenizer_dir is not set in config.pbtxt: render the repository with "
+                           "`trtllm-loop triton-repo --model DIR`")
+    # never trust_remote_code: the checkpoint's tokenizer must load with stock transformers classes
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+    return tok
+
+
+# ----------------------------------------------------------------------------- input helpers
+def decode_utf8(value, field: str) -> str:
+    """A STRING tensor element (bytes) as text; invalid UTF-8 is a client error naming the field."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{field} is not valid UTF-8 ({e.reason} at byte offset {e.start}): "
+                           f"send the text UTF-8 encoded") from None
+
+
+def string_list(arr, field: str) -> list[str]:
+    """``[batch=1, n]`` / ``[n]`` STRING tensor (or a JSON list in one element) -> list of words."""
+    if arr is None:
+        return []
+    words: list[str] = []
+    for v in np.asarray(arr, dtype=object).reshape(-1):
+        s = decode_utf8(v, field)
+        if s.startswith("[") and s.endswith("]"):
+            try:
+                parsed = json.loads(s)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list) and all(isinstance(w, str) for w in parsed):
+                words.extend(parsed)
+                continue
+        words.append(s)
+    words = [w for w in words if w != ""]
+    if len(words) > MAX_STOP_WORDS:
+        raise RequestError(f"{field} has {len(words)} entries; at most {MAX_STOP_WORDS} are allowed")
+    return words
+
+
+def render_prompt(tokenizer, text: str, *, apply_chat_template: bool = False,
+                  chat_messages: str | None = None, system_prompt: str | None = None) -> str:
+    """The prompt string the model sees: ``text`` verbatim, or the chat template applied to
+    ``chat_messages`` (a JSON list of ``{"role", "content"}``) and/or ``text`` as the last user turn."""
+    messages: list[dict] = []
+    if chat_messages:
+        try:
+            parsed = json.loads(chat_messages)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"chat_messages is not valid JSON ({e.msg} at char {e.pos}): send a JSON list "
+                               'like [{"role": "user", "content": "hi"}]') from None
+        if not isinstance(parsed, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in parsed):
+            raise RequestError('chat_messages must be a JSON list of {"role": str, "content": str} objects')
+        messages = parsed
+        apply_chat_template = True
+    if not apply_chat_template:
+        if not text:
+            raise RequestError("text_input is empty: send a non-empty prompt (or chat_messages)")
+        return text
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if text:
+        messages.append({"role": "user", "content": text})
+    if not messages or all(m["role"] == "system" for m in messages):
+        raise RequestError("the chat is empty: send text_input (the user message) or chat_messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("apply_chat_template was requested but the tokenizer has no chat_template: send the "
+                           "prompt as plain text_input or add a chat template to tokenizer_config.json")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def eos_ids(tokenizer, model_eos=None) -> list[int]:
+    """All ids that end generation: the model's eos list (config.json / generation_config.json) first,
+    then the tokenizer's eos."""
+    ids: list[int] = []
+    if model_eos is not None:
+        ids += [int(x) for x in (model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+# ----------------------------------------------------------------------------- TRT-LLM word lists
+def to_word_list(sequences: list[list[int]]) -> np.ndarray:
+    """TRT-LLM ``[2, N]`` format: row 0 = concatenated ids, row 1 = cumulative end offsets, padded with -1."""
+    flat: list[int] = []
+    offsets: list[int] = []
+    for s in sequences:
+        flat += [int(t) for t in s]
+        offsets.append(len(flat))
+    n = max(len(flat), 1)
+    out = np.full((2, n), -1, dtype=np.int32)
+    out[0, :len(flat)] = flat
+    out[1, :len(offsets)] = offsets
+    return out
+
+
+def from_word_list(arr) -> list[list[int]]:
+    """Inverse of :func:`to_word_list` (accepts ``[1, 2, N]`` or ``[2, N]``)."""
+    if arr is None:
+        return []
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        a = a[0]
+    if a.ndim != 2 or a.shape[0] != 2:
+        raise RequestError(f"stop/bad words list must have shape [2, N] (ids row, offsets row), got {list(a.shape)}")
+    ids, offs = a[0].tolist(), [int(o) for o in a[1].tolist() if o >= 0]
+    seqs, start = [], 0
+    for end in offs:
+        if end > start:
+            seqs.append([int(t) for t in ids[start:end]])
+        start = end
+    return seqs
+
+
+# ----------------------------------------------------------------------------- detokenization
+class IncrementalDetokenizer:
+    """Streaming decode that never splits a UTF-8 character and keeps the spaces SentencePiece encodes in the
+    *next* token: text is produced by decoding a short sliding window of ids and emitting only the part that
+    is stable (does not end in U+FFFD, i.e. an incomplete byte sequence). ``flush()`` releases a held tail
+    at the end. The concatenation of all deltas equals ``decode(prefix_ids + ids)[len(decode(prefix_ids)):]``
+    for SentencePiece / byte-level BPE tokenizers."""
+
+    def __init__(self, tokenizer, prefix_ids=(), skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = [int(t) for t in prefix_ids][-6:]  # context for the leading space of the next piece
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+    def push(self, new_ids) -> str:
+        self.ids.extend(int(t) for t in new_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+
+
+class StopStringMatcher:
+    """Text-level stop strings over a stream of text deltas: holds back a tail that could still become a stop
+    string, and cuts the output just before the first match (the stop string itself is not returned)."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = [s for s in stop if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stop:
+            return delta
+        text = self.held + delta
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.held = True, ""
+            return text[:cut]
+        keep = 0
+        for s in self.stop:  # longest suffix of text that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep] if keep else text
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+class PieceText:
+    """Stateless per-token text for the ensemble's postprocessing (Triton gives an ensemble step no per-request
+    state): each id is decoded *after an anchor token* so SentencePiece's leading space survives; byte-fallback
+    pieces that are not complete characters come out as U+FFFD. Use ``tensorrt_llm_bls`` for exact streaming."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        anchor = tokenizer.encode("a", add_special_tokens=False)
+        self.anchor = anchor[-1:] if anchor else []
+        self.anchor_text = tokenizer.decode(self.anchor) if self.anchor else ""
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, ids) -> str:
+        out = []
+        for t in ids:
+            t = int(t)
+            s = self.cache.get(t)
+            if s is None:
+                full = self.tok.decode(self.anchor + [t], skip_special_tokens=self.skip,
+                                       clean_up_tokenization_spaces=False)
+                s = full[len(self.anchor_text):] if full.startswith(self.anchor_text) else \
+                    self.tok.decode([t], skip_special_tokens=self.skip)
+                if len(self.cache) < 500_000:
+                    self.cache[t] = s
+            out.append(s)
+        return "".join(out)

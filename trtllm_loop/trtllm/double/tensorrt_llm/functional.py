@@ -1,0 +1,13 @@
+"""Mimics the enums of ``tensorrt_llm/functional.py`` that the PyTorch backend uses."""
+import enum
+
+
+class PositionEmbeddingType(enum.IntEnum):
+    learned_absolute = 0
+    rope_gptj = 1
+    rope_gpt_neox = 2
+
+
+class AllReduceParams:
+    def __init__(self, enable_allreduce: bool = True, **kwargs):
+        self.enable_allreduce = enable_allreduce
