@@ -6,8 +6,8 @@ reference model ``trtllm_loop.modeling`` (the loop layers call the same nn.Linea
 
     # 1. source model + calibration data (main venv)
     .venv/bin/python scripts/make_nvfp4_fixtures.py source
-    # 2. ModelOpt 0.47.0: NVFP4, W4A16_NVFP4, NVFP4 + FP8 KV   (venv: torch 2.13 cpu, nvidia-modelopt==0.47.0,
-    #    transformers==5.14.1, accelerate, requests)
+    # 2. ModelOpt 0.47.0: NVFP4, W4A16_NVFP4, NVFP4 + FP8 KV, FP8 (the reference layout for `convert --to fp8`)
+    #    (venv: torch 2.13 cpu, nvidia-modelopt==0.47.0, transformers==5.14.1, accelerate, requests)
     /work/venvs/modelopt/bin/python scripts/make_nvfp4_fixtures.py modelopt
     # 3. llm-compressor 0.14.0.1: NVFP4, NVFP4A16               (venv: torch 2.13 cpu, llmcompressor==0.14.0.1)
     /work/venvs/llmc/bin/python scripts/make_nvfp4_fixtures.py llmcompressor
@@ -122,7 +122,7 @@ def cmd_modelopt(args) -> None:
     fp8_kv = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     fp8_kv["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])  # 0.47: quant_cfg is a list
     variants = {"modelopt_nvfp4": mtq.NVFP4_DEFAULT_CFG, "modelopt_w4a16_nvfp4": mtq.W4A16_NVFP4_CFG,
-                "modelopt_nvfp4_fp8kv": fp8_kv}
+                "modelopt_nvfp4_fp8kv": fp8_kv, "modelopt_fp8": mtq.FP8_DEFAULT_CFG}
     for name, cfg in variants.items():
         if args.only and name not in args.only:
             continue

@@ -187,13 +187,20 @@ def swizzle_offset(m: int, k: int, kb: int) -> int:
 # ---------------------------------------------------------------------------------------------- W4A4
 def fake_quant_activation(x: torch.Tensor, input_scale: torch.Tensor | float,
                           pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """W4A4 activation emulation: quantize ``x [..., K]`` to NVFP4 with dynamic per-16 FP8 block scales under
-    the static global multiplier ``input_scale`` (= amax_x / 2688, ModelOpt meaning) and dequantize again.
-    Values beyond the calibrated amax saturate. ``pre_quant_scale`` (NVFP4_AWQ) multiplies ``x`` first."""
-    if pre_quant_scale is not None:
-        x = x * pre_quant_scale.to(x.dtype)
+    """W4A4 activation emulation for a Linear input ``x [..., K]``: NVFP4 with dynamic per-16 FP8 block scales
+    under the static global multiplier ``input_scale`` (= amax_x / 2688, ModelOpt meaning), dequantized again.
+    Values beyond the calibrated amax saturate (block scale 448, element 6).
+
+    NVFP4_AWQ: the engine quantizes ``x * pre_quant_scale`` and multiplies by the stored weight. The dense
+    weight of :func:`trtllm_loop.checkpoint.load_state_dict` has ``pre_quant_scale`` folded in, so this returns
+    ``Q(x * pqs) / pqs``; multiplying it by that dense weight gives exactly ``Q(x * pqs) @ W_ckpt.T``."""
     shape, dtype = x.shape, x.dtype
+    xf = x.reshape(-1, shape[-1]).float()
+    if pre_quant_scale is not None:
+        xf = xf * pre_quant_scale.float()
     g = torch.as_tensor(input_scale, dtype=torch.float32).reshape(())
-    flat = x.reshape(-1, shape[-1]).float()
-    packed, s, _ = quantize(flat, g)
-    return dequantize(packed, s, g).reshape(shape).to(dtype)
+    packed, s, _ = quantize(xf, g)
+    y = dequantize(packed, s, g)
+    if pre_quant_scale is not None:
+        y = y / pre_quant_scale.float()
+    return y.reshape(shape).to(dtype)

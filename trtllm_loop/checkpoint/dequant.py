@@ -57,8 +57,8 @@ def input_multiplier(mod: Module) -> torch.Tensor | None:
     return None
 
 
-def dense_weight(mod: Module, fold_pre_quant_scale: bool = True) -> torch.Tensor:
-    """fp32 dense weight of one module, whatever its storage."""
+def dense_weight(mod: Module, fold_pre_quant_scale: bool = True, keep_dtype: bool = False) -> torch.Tensor:
+    """fp32 dense weight of one module, whatever its storage (``keep_dtype``: a dense weight keeps its dtype)."""
     kind = mod.kind
     if kind == NVFP4_MODELOPT:
         _need(mod, "weight_scale", "weight_scale_2")
@@ -73,7 +73,8 @@ def dense_weight(mod: Module, fold_pre_quant_scale: bool = True) -> torch.Tensor
         s = read_tensor(mod.tensors["weight_scale"]).float()
         w = read_tensor(mod.tensors["weight"]).float() * (s.reshape(()) if s.numel() == 1 else s)
     else:
-        w = read_tensor(mod.tensors["weight"]).float()
+        w = read_tensor(mod.tensors["weight"])
+        w = w if keep_dtype and "pre_quant_scale" not in mod.tensors else w.float()
     if fold_pre_quant_scale and "pre_quant_scale" in mod.tensors:
         w = w * read_tensor(mod.tensors["pre_quant_scale"]).float()
     return w

@@ -116,7 +116,8 @@ class SafetensorsWriter:
         if name != want or t.dtype != dt or tuple(t.shape) != tuple(shape):
             raise RuntimeError(f"writer: got {name} {t.dtype} {tuple(t.shape)}, expected {want} {dt} {shape}")
         t = t.contiguous()
-        self._f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            self._f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # buffer protocol, no copy
 
     def close(self) -> None:
         if self._pending:

@@ -137,8 +137,9 @@ def _check_module(out, mod: Module, expected) -> None:
         if w.dtype not in ("F32", "F16", "BF16"):
             out.add(ERROR, w.file, wname, f"has dtype {w.dtype} but no block scales; expected a dense float weight "
                     "or an NVFP4 weight with weight_scale; re-export the checkpoint")
-        elif w.shape != shape:
-            out.add(ERROR, w.file, wname, f"has shape {list(w.shape)}, config.json expects {list(shape)}")
+        elif tuple(w.shape) != tuple(expected[wname]):
+            out.add(ERROR, w.file, wname, f"has shape {list(w.shape)}, config.json expects "
+                    f"{list(expected[wname])}; the checkpoint and its config.json do not match")
         stray = set(t) - {"weight"}
         if stray:
             out.add(WARNING, w.file, wname, f"is dense but has scale tensors {sorted(stray)}; they are ignored")

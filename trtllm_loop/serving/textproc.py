@@ -150,29 +150,43 @@ def from_word_list(arr) -> list[list[int]]:
 # ----------------------------------------------------------------------------- detokenization
 class IncrementalDetokenizer:
     """Streaming decode that never splits a UTF-8 character and keeps the spaces SentencePiece encodes in the
-    *next* token: text is produced by decoding a short sliding window of ids and emitting only the part that
-    is stable (does not end in U+FFFD, i.e. an incomplete byte sequence). ``flush()`` releases a held tail
-    at the end. The concatenation of all deltas equals ``decode(prefix_ids + ids)[len(decode(prefix_ids)):]``
-    for SentencePiece / byte-level BPE tokenizers."""
+    *next* token. Text comes from decoding a short window of ids; a delta is emitted only at a stable point:
+    the last id is not a byte-fallback piece (``<0xNN>``: HF decodes a whole run of them at once, so the run's
+    text can still change) nor a skipped special token and the text does not end in U+FFFD (an incomplete byte-level BPE sequence).
+    ``flush()`` releases a held tail at the end. The concatenation of all deltas equals
+    ``tokenizer.decode(all ids)`` with the same ``skip_special_tokens``."""
 
-    def __init__(self, tokenizer, prefix_ids=(), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.ids: list[int] = [int(t) for t in prefix_ids][-6:]  # context for the leading space of the next piece
+        self.ids: list[int] = []
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = 0
+        self._byte_piece: dict[int, bool] = {}
+        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
 
     def _decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
+    def _is_byte(self, t: int) -> bool:
+        b = self._byte_piece.get(t)
+        if b is None:
+            piece = self.tok.convert_ids_to_tokens(t)
+            b = isinstance(piece, str) and bool(_BYTE_PIECE.match(piece))
+            # a skipped special token does not end a byte run: the pieces around it are decoded together
+            b = self._byte_piece[t] = b or (self.skip and t in self._special)
+        return b
+
     def push(self, new_ids) -> str:
         self.ids.extend(int(t) for t in new_ids)
+        if not self.ids or self._is_byte(self.ids[-1]):
+            return ""
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd") \
+                and new_text.startswith(prefix_text):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return delta
+            return new_text[len(prefix_text):]
         return ""
 
     def flush(self) -> str:
@@ -229,16 +243,21 @@ class PieceText:
         self.cache: dict[int, str] = {}
 
     def __call__(self, ids) -> str:
-        out = []
-        for t in ids:
-            t = int(t)
-            s = self.cache.get(t)
-            if s is None:
-                full = self.tok.decode(self.anchor + [t], skip_special_tokens=self.skip,
-                                       clean_up_tokenization_spaces=False)
-                s = full[len(self.anchor_text):] if full.startswith(self.anchor_text) else \
-                    self.tok.decode([t], skip_special_tokens=self.skip)
-                if len(self.cache) < 500_000:
-                    self.cache[t] = s
-            out.append(s)
-        return "".join(out)
+        ids = [int(t) for t in ids]
+        if len(ids) != 1:  # a whole sequence: one decode, byte-fallback runs decoded together
+            full = self.tok.decode(self.anchor + ids, skip_special_tokens=self.skip,
+                                   clean_up_tokenization_spaces=False)
+            if full.startswith(self.anchor_text):
+                return full[len(self.anchor_text):]
+            return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+        t = ids[0]
+        s = self.cache.get(t)
+        return s if s is not None else self._piece(t)
+
+    def _piece(self, t: int) -> str:
+        full = self.tok.decode(self.anchor + [t], skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+        s = full[len(self.anchor_text):] if full.startswith(self.anchor_text) else \
+            self.tok.decode([t], skip_special_tokens=self.skip)
+        if len(self.cache) < 500_000:
+            self.cache[t] = s
+        return s

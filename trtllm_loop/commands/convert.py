@@ -1,0 +1,47 @@
+"""``trtllm-loop convert``: NVFP4 (ModelOpt or compressed-tensors) or BF16 -> ModelOpt FP8 or BF16."""
+from __future__ import annotations
+
+HELP = """\
+Convert a checkpoint for GPUs without FP4 tensor cores (H100/H200): --to fp8 writes a ModelOpt FP8 unified
+checkpoint (per-tensor FP8 E4M3 weights, weight_scale, static input_scale; embeddings, lm_head, norms and loop
+gates stay BF16; k_scale/v_scale carried over); --to bf16 writes dense BF16. SRC is validated first.
+Streaming (one tensor in memory at a time), atomic (temp dir next to OUT, renamed at the end), tokenizer and
+other side files copied.
+
+Activation scales for --to fp8 come from the source's NVFP4 input_scale (W4A4 checkpoints). Weight-only
+(W4A16_NVFP4, NVFP4A16) and dense sources need --calib-ids: token-id sequences run through the reference
+model (both loop passes) to calibrate them.
+
+example:
+  trtllm-loop convert nvfp4/ fp8/ --to fp8
+  trtllm-loop convert bf16/ fp8/ --to fp8 --calib-ids calib.json
+"""
+
+
+def register(sub):
+    import argparse
+
+    p = sub.add_parser("convert", help="NVFP4 / BF16 -> ModelOpt FP8 or BF16 checkpoint", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="source checkpoint directory")
+    p.add_argument("out", help="output directory (must not exist or be empty)")
+    p.add_argument("--to", required=True, choices=["fp8", "bf16"])
+    p.add_argument("--calib-ids", nargs="+", metavar="FILE.json",
+                   help="token ids for activation calibration (sources without input_scale)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from trtllm_loop.commands.logits import read_ids
+    from trtllm_loop.quantize.convert import convert
+
+    calib = read_ids(args.calib_ids) if args.calib_ids else None
+    rep = convert(args.src, args.out, args.to, calib_ids=calib, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    for w in rep["warnings"]:
+        print(w)
+    src = rep["source_format"]
+    print(f"converted {args.src} ({src['format']}, {src['quant_algo'] or 'dense'}) -> {args.out} ({args.to}): "
+          f"{rep['fp8_linears']} FP8 linears, {len(rep['files'])} shard(s), kv scales: {rep['kv_scales']}, "
+          f"copied: {', '.join(rep['copied']) or 'nothing'}")
+    return 0

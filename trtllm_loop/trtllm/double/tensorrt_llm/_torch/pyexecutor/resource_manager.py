@@ -1,0 +1,78 @@
+"""Mimics ``tensorrt_llm/_torch/pyexecutor/resource_manager.py`` ``KVCacheManager`` (1.2.1) on the project's paged
+emulator (:class:`trtllm_loop.runtime.kv_cache.PagedKVCache`).
+
+Reproduced: ``num_layers`` KV layers with ``num_kv_heads / tp`` heads each; per-layer windows from
+``kv_cache_config.max_attention_window`` repeated as a pattern over the layers and clamped to ``max_seq_len``;
+one block pool per window size (VSWA), which needs ``model_config.layer_types`` ("layer_types have to be set
+correctly for VSWA"); ``layer_offsets``; ``add_dummy_requests``. The emulator's pools group the KV layers by the
+loop's slot plan, so the double accepts the two-entry pattern ``[full, window]`` (or one entry) only."""
+import math
+from typing import List, Optional
+
+import torch
+
+from tensorrt_llm.bindings import DataType
+from tensorrt_llm.mapping import Mapping
+
+
+class KVCacheManager:
+
+    def __init__(self, kv_cache_config, kv_cache_type, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 tokens_per_block: int, max_seq_len: int, max_batch_size: int, mapping: Mapping,
+                 dtype: DataType = DataType.HALF, spec_config=None, layer_mask=None, max_num_tokens: int = 8192,
+                 model_config=None, max_beam_width: int = 1, **kwargs):
+        from trtllm_loop.config import LoopConfig
+        from trtllm_loop.runtime.kv_cache import PagedKVCache
+
+        if max_beam_width != 1 or spec_config is not None or layer_mask is not None:
+            raise NotImplementedError("the double implements beam width 1, no speculative layers, no layer mask")
+        vec = [min(w, max_seq_len) for w in (kv_cache_config.max_attention_window or [max_seq_len])]
+        if len(set(vec)) > 1:  # VSWA
+            assert model_config is not None and model_config.layer_types is not None, \
+                "layer_types have to be set correctly for VSWA"
+            if len(vec) != 2 or vec[0] != max_seq_len or num_layers % 2:
+                raise NotImplementedError(f"max_attention_window {vec}: the double implements the loop pattern "
+                                          "[max_seq_len, W] over an even number of layers only")
+        elif num_layers % 2:
+            raise NotImplementedError("the double groups KV layers in (full, window) pairs: num_layers must be even")
+        self.num_layers, self.head_dim, self.tokens_per_block = num_layers, head_dim, tokens_per_block
+        self.max_seq_len, self.max_batch_size, self.mapping = max_seq_len, max_batch_size, mapping
+        self.max_attention_window_vec = vec
+        self.num_kv_heads_per_rank = math.ceil(num_kv_heads / mapping.tp_size)
+        self.layer_offsets = {i: i for i in range(num_layers)}
+        window = vec[1 % len(vec)]
+        geometry = LoopConfig(num_hidden_layers=num_layers // 2, num_attention_heads=self.num_kv_heads_per_rank,
+                              num_key_value_heads=self.num_kv_heads_per_rank, head_dim=head_dim,
+                              hidden_size=self.num_kv_heads_per_rank * head_dim, loop_window_size=window)
+        blocks = max_batch_size * (math.ceil(max_seq_len / tokens_per_block) + 1)
+        self.cache = PagedKVCache(geometry, tokens_per_block, {None: blocks, window: blocks}, dtype.value)
+        self._seqs: set = set()
+
+    def window_of(self, layer_idx: int) -> int:
+        return self.max_attention_window_vec[layer_idx % len(self.max_attention_window_vec)]
+
+    def add_dummy_requests(self, request_ids: List[int], token_nums: Optional[List[int]] = None, is_gen=False,
+                           **kwargs):
+        """Add requests and allocate the blocks of their first ``token_nums`` tokens."""
+        token_nums = token_nums or [1] * len(request_ids)
+        for rid, n in zip(request_ids, token_nums):
+            self.cache.add_sequence(rid)
+            self._seqs.add(rid)
+            self.cache.prepare(rid, 0, n)
+        return [None] * len(request_ids)
+
+    def prepare_step(self, step) -> None:
+        """Executor side of a step: release window blocks out of reach, allocate the step's positions."""
+        for seq, past, n, _ in step.spans():
+            if seq not in self._seqs:
+                raise KeyError(f"request {seq} was not added to the KV cache manager")
+            self.cache.trim(seq, past)
+            self.cache.prepare(seq, past, n)
+
+    def free_resources(self, request_id: int) -> None:
+        self.cache.free_sequence(request_id)
+        self._seqs.discard(request_id)
+
+    def shutdown(self) -> None:
+        for rid in list(self._seqs):
+            self.free_resources(rid)
