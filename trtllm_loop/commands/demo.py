@@ -18,6 +18,8 @@ def register(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where to write the demo model (default: a temp dir)")
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--no-server", action="store_true",
+                   help="skip the Triton part: synthesize and generate in-process only")
     p.set_defaults(func=run)
 
 
