@@ -93,7 +93,7 @@ def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32",
 
             rt = LoopRuntime(model, tokens_per_block=tokens_per_block, chunk_size=chunk,
                              max_num_tokens=max(chunk * len(seqs), len(seqs)), max_batch_size=len(seqs),
-                             max_seq_len=max(len(s) for s in seqs) + 1)
+                             max_seq_len=max(len(s) for s in seqs) + 1, debug=True)  # assert re-appends
             return [x.numpy() for x in rt.score(seqs, prefill_len)]
         for s in seqs:
             ids = torch.tensor([s])
