@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from safetensors.torch import save_file
 
 from trtllm_loop.config import RELEASED_EOS, LoopConfig
 from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import atomic_dir
 
 PRESETS: dict[str, dict] = {
     # CPU-fast, still GQA (group 2), window crossed after 16 tokens
@@ -82,16 +80,11 @@ def _index(cfg: LoopConfig, n_shards: int, bytes_per: int) -> tuple[dict, dict[s
 def synthesize(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16",
                tokenizer: bool = True, overwrite: bool = False) -> Path:
     """Write a checkpoint directory atomically (temp dir next to ``out_dir``, renamed at the end)."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose a new directory or pass --overwrite")
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdt is None:
         raise UserError(f"--dtype {dtype!r} unknown; allowed: float32, bfloat16, float16")
     cfg = preset_config(preset, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         conf = cfg.to_dict()
         gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id),
                    "temperature": 0.6, "top_p": 0.85, "top_k": 20, "do_sample": True}
@@ -121,10 +114,4 @@ def synthesize(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: 
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

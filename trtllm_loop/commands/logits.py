@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import atomic_dir
 
 MODES = ("prefill", "decode", "paged", "torch-backend")
 HELP = """\
@@ -121,16 +121,9 @@ def write_outputs(arrays: list[np.ndarray], out: str) -> None:
         return
     if len(arrays) == 1 and not out_p.is_dir() and not out.endswith("/"):
         raise UserError(f"--out {out}: with one --ids, give a path ending in .npy")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
-    try:
+    with atomic_dir(out_p, overwrite=True) as tmp:
         for i, a in enumerate(arrays):
             np.save(tmp / f"{i}.npy", a.astype(np.float32))
-        if out_p.exists():
-            shutil.rmtree(out_p)
-        os.replace(tmp, out_p)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(args) -> int:
