@@ -6,7 +6,8 @@ reference model ``trtllm_loop.modeling`` (the loop layers call the same nn.Linea
 
     # 1. source model + calibration data (main venv)
     .venv/bin/python scripts/make_nvfp4_fixtures.py source
-    # 2. ModelOpt 0.47.0: NVFP4, W4A16_NVFP4, NVFP4 + FP8 KV, FP8 (the reference layout for `convert --to fp8`)
+    # 2. ModelOpt 0.47.0: NVFP4, W4A16_NVFP4, NVFP4 + FP8 KV, FP8 (the reference layout for `convert --to fp8`),
+    #    NVFP4_AWQ (awq_lite with the CPU fake-quant shim of nvfp4.md 6.4)
     #    (venv: torch 2.13 cpu, nvidia-modelopt==0.47.0, transformers==5.14.1, accelerate, requests)
     /work/venvs/modelopt/bin/python scripts/make_nvfp4_fixtures.py modelopt
     # 3. llm-compressor 0.14.0.1: NVFP4, NVFP4A16               (venv: torch 2.13 cpu, llmcompressor==0.14.0.1)
@@ -110,6 +111,28 @@ def _register_kv_quantizers(mtq) -> None:
     mtq.register(original_cls=Attention, quantized_cls=QuantLoopAttention)
 
 
+def _cpu_fake_quant_shim() -> None:
+    """ModelOpt 0.47's NVFP4 fake-quant asserts CUDA (tensor_quant.py:172); AWQ needs it. Pure-torch stand-in,
+    shared/docs/nvfp4.md section 6.4 (test aid, version specific)."""
+    import modelopt.torch.quantization.tensor_quant as tq
+    from trtllm_loop import nvfp4
+
+    orig = tq.dynamic_block_quantize_op
+
+    def fake_quant(x, block_size, amax):
+        flat = x.float().reshape(-1, block_size)
+        g = amax.float().amax() / nvfp4.GLOBAL_DIV
+        packed, s, _ = nvfp4.quantize(flat, g)
+        return nvfp4.dequantize(packed, s, g).reshape(x.shape).to(x.dtype)
+
+    def patched(inp, bs, amax, nb, eb, snb, seb):
+        if (nb, eb, snb, seb) == (4, 2, 8, 4) and not inp.is_cuda:
+            return fake_quant(inp, bs, amax)
+        return orig(inp, bs, amax, nb, eb, snb, seb)
+
+    tq.dynamic_block_quantize_op = patched
+
+
 def cmd_modelopt(args) -> None:
     import copy
     import modelopt
@@ -122,7 +145,9 @@ def cmd_modelopt(args) -> None:
     fp8_kv = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     fp8_kv["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])  # 0.47: quant_cfg is a list
     variants = {"modelopt_nvfp4": mtq.NVFP4_DEFAULT_CFG, "modelopt_w4a16_nvfp4": mtq.W4A16_NVFP4_CFG,
-                "modelopt_nvfp4_fp8kv": fp8_kv, "modelopt_fp8": mtq.FP8_DEFAULT_CFG}
+                "modelopt_nvfp4_fp8kv": fp8_kv, "modelopt_fp8": mtq.FP8_DEFAULT_CFG,
+                "modelopt_nvfp4_awq": mtq.NVFP4_AWQ_LITE_CFG}
+    _cpu_fake_quant_shim()
     for name, cfg in variants.items():
         if args.only and name not in args.only:
             continue

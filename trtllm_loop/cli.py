@@ -9,6 +9,9 @@ import sys
 # order = order in --help
 COMMANDS = [
     "synth", "inspect", "logits", "generate", "demo",
+    "validate", "convert", "eval_quant",
+    "build", "verify",
+    "triton_repo", "serve", "client",
 ]
 
 EPILOG = """\

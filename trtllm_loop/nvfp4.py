@@ -115,43 +115,57 @@ def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor | float | None = Non
     return pack_nibbles(codes.flatten(1)), s_f.to(torch.float8_e4m3fn), gs.reshape(1)
 
 
+# byte -> (value of the low nibble, value of the high nibble): one lookup decodes two elements
+_BYTE_LUT = torch.stack((E2M1_VALUES[torch.arange(256) & 0xF], E2M1_VALUES[torch.arange(256) >> 4]), dim=-1)
+
+
+def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, g: torch.Tensor | float) -> torch.Tensor:
+    """fp32 dequantization of (a row slice of) a packed weight; see :func:`dequantize`."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    vals = torch.nn.functional.embedding(packed.int(), _BYTE_LUT.to(packed.device)).view(n, k // BLOCK, BLOCK)
+    g = torch.as_tensor(g, dtype=torch.float32).reshape(())
+    return (vals * (scale.float() * g).unsqueeze(-1)).view(n, k)
+
+
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, g: torch.Tensor | float,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Packed ``[N, K/2]`` + fp8 ``[N, K/16]`` + multiplier ``g`` -> dense ``[N, K]`` (computed in fp32, in row
-    chunks so the temporaries stay small for 27648 x 5120 weights)."""
+    """Packed ``[N, K/2]`` + fp8 ``[N, K/16]`` + multiplier ``g`` -> dense ``[N, K]``, computed in fp32 as
+    ``e2m1 * (fp32(scale) * g)``, in row chunks so the temporaries stay small for 27648 x 5120 weights."""
     n, k = packed.shape[0], packed.shape[1] * 2
     if packed.dim() != 2 or scale.shape != (n, k // BLOCK):
         raise ValueError(f"block scale shape {tuple(scale.shape)} does not match packed {tuple(packed.shape)}"
                          f" (expected {(n, k // BLOCK)})")
-    g = torch.as_tensor(g, dtype=torch.float32).reshape(())
-    table = E2M1_VALUES.to(packed.device)
     out = torch.empty(n, k, dtype=dtype)
-    step = max(1, (1 << 22) // max(k, 1))
+    step = row_chunk(k)
     for r in range(0, n, step):
-        vals = table[unpack_nibbles(packed[r:r + step]).long()]
-        blk = vals.view(vals.shape[0], -1, BLOCK) * scale[r:r + step].float().unsqueeze(-1)
-        out[r:r + step] = (blk.flatten(1) * g).to(dtype)
+        out[r:r + step] = dequantize_rows(packed[r:r + step], scale[r:r + step], g).to(dtype)
     return out
+
+
+def row_chunk(k: int, elements: int = 1 << 22) -> int:
+    """Rows per chunk so that one chunk holds about ``elements`` values."""
+    return max(1, elements // max(k, 1))
 
 
 def rescale_to_global(packed: torch.Tensor, scale: torch.Tensor, g_old: torch.Tensor, g_new: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Re-express a tensor quantized under multiplier ``g_old`` under ``g_new >= g_old`` (a fused group's max).
 
-    Block scales become ``s * g_old / g_new``. Where that is exactly representable in FP8 the 4-bit codes are
-    kept and the dequantized values are unchanged; the other blocks are re-quantized from their dequantized
-    values (lossy). Returns (packed, scale, number of re-quantized blocks)."""
-    g_old, g_new = g_old.float().reshape(()), g_new.float().reshape(())
-    want = scale.float() * g_old / g_new
+    Block scales become ``s * g_old / g_new``. Where that is representable in FP8 the 4-bit codes are kept and
+    the dequantized values are unchanged (up to fp32 rounding of the product); the other blocks are
+    re-quantized from their dequantized values (lossy). Returns (packed, scale, number of re-quantized blocks).
+    """
+    g_old64, g_new64 = float(g_old), float(g_new)
+    want = scale.double() * (g_old64 / g_new64)
     s_new = want.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    exact = s_new.float() == want
+    exact = (s_new.double() - want).abs() <= 1e-12 * want
     if bool(exact.all()):
         return packed, s_new, 0
     w = dequantize(packed, scale, g_old)
-    p2, s2, _ = quantize(w, g_new)
-    rows = exact.repeat_interleave(BLOCK // 2, dim=1)  # block b covers bytes 8b..8b+7
-    return torch.where(rows, packed, p2), torch.where(exact, s_new.float(), s2.float()).to(torch.float8_e4m3fn), \
-        int((~exact).sum())
+    p2, s2, _ = quantize(w, torch.as_tensor(g_new, dtype=torch.float32))
+    keep = exact.repeat_interleave(BLOCK // 2, dim=1)  # block b covers bytes 8b .. 8b+7
+    s_out = torch.where(exact, s_new.float(), s2.float()).to(torch.float8_e4m3fn)
+    return torch.where(keep, packed, p2), s_out, int((~exact).sum())
 
 
 # ---------------------------------------------------------------------------------------------- swizzle

@@ -30,3 +30,9 @@ def describe_checkpoint(ckpt: str | Path) -> dict:
     per-kind module counts, KV scales present, and validation findings (level, file, tensor, message)."""
     from trtllm_loop.checkpoint.describe import describe
     return describe(ckpt)
+
+
+def describe_lines(d: dict) -> list[str]:
+    """Text lines for a :func:`describe_checkpoint` dict (format, KV quant, module kinds, exclusions, findings)."""
+    from trtllm_loop.checkpoint.describe import describe_lines as lines
+    return lines(d)

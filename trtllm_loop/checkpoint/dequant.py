@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from trtllm_loop import nvfp4
-from trtllm_loop.checkpoint.formats import FP8, NVFP4_CT, NVFP4_MODELOPT, Module, QuantInfo, detect_format, \
+from trtllm_loop.checkpoint.formats import DENSE, FP8, NVFP4_CT, NVFP4_MODELOPT, Module, QuantInfo, detect_format, \
     group_modules
 from trtllm_loop.checkpoint.hf import tensor_index
 from trtllm_loop.checkpoint.safetensors_io import read_tensor
@@ -57,27 +58,56 @@ def input_multiplier(mod: Module) -> torch.Tensor | None:
     return None
 
 
-def dense_weight(mod: Module, fold_pre_quant_scale: bool = True, keep_dtype: bool = False) -> torch.Tensor:
-    """fp32 dense weight of one module, whatever its storage (``keep_dtype``: a dense weight keeps its dtype)."""
-    kind = mod.kind
-    if kind == NVFP4_MODELOPT:
-        _need(mod, "weight_scale", "weight_scale_2")
-        w = nvfp4.dequantize(read_tensor(mod.tensors["weight"]), read_tensor(mod.tensors["weight_scale"]),
-                             global_multiplier(mod))
-    elif kind == NVFP4_CT:
-        _need(mod, "weight_scale", "weight_global_scale")
-        w = nvfp4.dequantize(read_tensor(mod.tensors["weight_packed"]), read_tensor(mod.tensors["weight_scale"]),
-                             global_multiplier(mod))
-    elif kind == FP8:
-        _need(mod, "weight_scale")
-        s = read_tensor(mod.tensors["weight_scale"]).float()
-        w = read_tensor(mod.tensors["weight"]).float() * (s.reshape(()) if s.numel() == 1 else s)
+def dense_chunks(mod: Module, fold_pre_quant_scale: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, fp32 rows)`` of one module's dense weight, a few MB at a time, whatever its storage
+    (only the stored form, e.g. the packed bytes, is held whole)."""
+    kind, t = mod.kind, mod.tensors
+    if kind in (NVFP4_MODELOPT, NVFP4_CT):
+        _need(mod, "weight_scale", "weight_scale_2" if kind == NVFP4_MODELOPT else "weight_global_scale")
+        packed = read_tensor(t["weight_packed" if kind == NVFP4_CT else "weight"])
+        scale, g = read_tensor(t["weight_scale"]), global_multiplier(mod)
+        rows = lambda a, b: nvfp4.dequantize_rows(packed[a:b], scale[a:b], g)  # noqa: E731
+        n, k = packed.shape[0], packed.shape[1] * 2
     else:
-        w = read_tensor(mod.tensors["weight"])
-        w = w if keep_dtype and "pre_quant_scale" not in mod.tensors else w.float()
-    if fold_pre_quant_scale and "pre_quant_scale" in mod.tensors:
-        w = w * read_tensor(mod.tensors["pre_quant_scale"]).float()
-    return w
+        w = read_tensor(t["weight"])
+        if kind == FP8:
+            _need(mod, "weight_scale")
+            s = read_tensor(t["weight_scale"]).float()
+            s = s.reshape(()) if s.numel() == 1 else s
+            rows = lambda a, b: w[a:b].float() * (s if s.dim() == 0 else s[a:b])  # noqa: E731
+        else:
+            rows = lambda a, b: w[a:b].to(torch.float32, copy=True)  # noqa: E731  (callers may modify it)
+        n, k = w.shape[0], w.shape[-1] if w.dim() > 1 else 1
+    pqs = read_tensor(t["pre_quant_scale"]).float() if fold_pre_quant_scale and "pre_quant_scale" in t else None
+    step = nvfp4.row_chunk(k)
+    for r in range(0, n, step):
+        c = rows(r, r + step)
+        yield r, c * pqs if pqs is not None else c
+
+
+def dense_shape(mod: Module) -> tuple[int, ...]:
+    if mod.kind in (NVFP4_MODELOPT, NVFP4_CT):
+        pk = mod.tensors["weight_packed" if mod.kind == NVFP4_CT else "weight"]
+        return (pk.shape[0], pk.shape[1] * 2)
+    return tuple(mod.tensors["weight"].shape)
+
+
+def dense_weight(mod: Module, dtype: torch.dtype = torch.float32, fold_pre_quant_scale: bool = True
+                 ) -> torch.Tensor:
+    """Dense weight of one module in ``dtype`` (computed in fp32, filled chunk by chunk)."""
+    t = mod.tensors
+    folds = fold_pre_quant_scale and "pre_quant_scale" in t
+    if mod.kind == DENSE and t["weight"].torch_dtype == dtype and not folds:
+        return read_tensor(t["weight"])
+    out = torch.empty(dense_shape(mod), dtype=dtype)
+    for r, c in dense_chunks(mod, fold_pre_quant_scale):
+        out[r:r + c.shape[0]] = c.to(dtype)
+    return out
+
+
+def weight_amax(mod: Module) -> float:
+    """max |W| of the dense weight, chunk by chunk."""
+    return max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(c) for _, c in dense_chunks(mod)))
 
 
 def load_checkpoint(ckpt: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False
@@ -89,7 +119,7 @@ def load_checkpoint(ckpt: str | Path, dtype: torch.dtype = torch.float32, progre
     out = LoadedCheckpoint({}, info)
     for prefix, mod in tqdm(sorted(mods.items()), desc="load", unit="mod", disable=not progress):
         if "weight" in mod.tensors or "weight_packed" in mod.tensors:
-            out.state_dict[mod.weight_name] = dense_weight(mod).to(dtype)
+            out.state_dict[mod.weight_name] = dense_weight(mod, dtype)
         if mod.quantized:
             s = input_multiplier(mod)
             if s is not None:

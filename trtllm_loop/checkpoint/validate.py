@@ -39,6 +39,8 @@ class Finding:
 
     def __str__(self) -> str:
         where = f"{self.file}: tensor {self.tensor!r}: " if self.tensor else f"{self.file}: "
+        if not self.tensor and self.message.startswith(self.file):
+            where = ""  # the message already names its file
         return f"{self.level}: {where}{self.message}"
 
 
@@ -228,16 +230,13 @@ def _check_direction(out, info, name, stored, factor, ct, plausible, what) -> No
     fits_mine, fits_theirs = (fits_ct, fits_mo) if ct else (fits_mo, fits_ct)
     if fits_mine:
         return
-    if ct:
-        conv = ("compressed-tensors stores a divisor (weight_global_scale = 2688/amax)", "ModelOpt convention "
-                "(a multiplier, amax/2688): store 1/value")
-    else:
-        conv = ("ModelOpt stores a multiplier (weight_scale_2 = amax/2688)", "compressed-tensors convention "
-                "(a divisor, 2688/amax): store 1/value")
+    this, other = (("as a compressed-tensors divisor (2688/amax)", "ModelOpt convention (a multiplier, amax/2688)")
+                   if ct else ("as a ModelOpt multiplier (amax/2688)",
+                               "compressed-tensors convention (a divisor, 2688/amax)"))
     if fits_theirs:
-        out.add(ERROR, info.file, name, f"global scale {stored:.6g} looks inverted: read as {conv[0]} it implies a "
-                f"{what} amax of {mine:.3g}, but it fits the {conv[1]} (amax {theirs:.3g}). Fix the exporter, or "
-                "replace the value by its reciprocal")
+        out.add(ERROR, info.file, name, f"global scale {stored:.6g} looks inverted: {this} it implies a {what} amax "
+                f"of {mine:.3g}, but it fits the {other} with amax {theirs:.3g}. The exporter wrote the reciprocal: "
+                f"fix the exporter, or store 1/{stored:.6g}")
     else:
         out.add(WARNING, info.file, name, f"global scale {stored:.6g} implies a {what} amax of {mine:.3g}, outside "
                 f"the plausible range {lo:g}..{hi:g}; check the export")
@@ -273,6 +272,8 @@ def _check_fused(out, mods) -> None:
             if any(i is None for i in infos) or any(math.prod(i.shape) != 1 for i in infos):
                 continue
             vals = [float(read_tensor(i).float().reshape(())) for i in infos]
+            if not all(math.isfinite(v) and v > 0 for v in vals):
+                continue  # already reported per tensor
             if len(set(vals)) > 1:
                 listing = ", ".join(f"{m.prefix.rsplit('.', 1)[1]}={v:.6g}" for m, v in zip(g, vals))
                 out.add(ERROR, infos[0].file, f"{g[0].prefix}.{key}", f"the fused group "

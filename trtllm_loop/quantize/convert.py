@@ -4,9 +4,10 @@ FP8 E4M3 weights for H100/H200, which have no FP4 tensor cores) or dense BF16.
 FP8 tensors per decoder Linear (ModelOpt ``FP8`` unified export layout):
 ``weight`` float8_e4m3fn ``[N, K]`` = ``fp8(W / weight_scale)``, ``weight_scale`` fp32 ``()`` = amax(W)/448,
 ``input_scale`` fp32 ``()`` = activation amax/448. q/k/v and gate/up share ``input_scale`` (max of the group)
-but keep their own ``weight_scale``, exactly as ModelOpt 0.47's FP8 export does (fixture ``modelopt_fp8``). Embeddings, ``lm_head``, norms and the loop gates stay BF16.
-Activation amaxes come from the source's NVFP4 ``input_scale`` (amax/2688) or, for weight-only and dense
-sources, from ``calib_ids`` run through the reference model (both passes).
+but keep their own ``weight_scale``, exactly as ModelOpt 0.47's FP8 export does (fixture ``modelopt_fp8``).
+Embeddings, ``lm_head``, norms and the loop gates stay BF16. Activation amaxes come from the source's NVFP4
+``input_scale`` (amax/2688) or, for weight-only and dense sources, from ``calib_ids`` run through the reference
+model (both passes).
 
 Streaming: one pass over the weights for the amaxes, one for writing, one tensor in memory at a time.
 """
@@ -19,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from trtllm_loop import __version__, nvfp4
-from trtllm_loop.checkpoint.dequant import dense_weight, input_multiplier
-from trtllm_loop.checkpoint.formats import FUSED_GROUPS, detect_format, group_modules
+from trtllm_loop.checkpoint.dequant import dense_chunks, dense_shape, dense_weight, input_multiplier, weight_amax
+from trtllm_loop.checkpoint.formats import DENSE, FUSED_GROUPS, Module, detect_format, group_modules
 from trtllm_loop.checkpoint.hf import tensor_index
 from trtllm_loop.checkpoint.safetensors_io import read_tensor
 from trtllm_loop.checkpoint.validate import check
@@ -34,12 +35,23 @@ EXCLUDE = ["lm_head", "model.embed_tokens", "model.gate_projections*"]
 FP8 = torch.float8_e4m3fn
 
 
+def fp8_from_module(mod: Module, scale: float) -> torch.Tensor:
+    """FP8 weight of one module, quantized chunk by chunk straight from its stored form."""
+    if mod.kind == DENSE and "pre_quant_scale" not in mod.tensors:
+        return fp8_quantize(read_tensor(mod.tensors["weight"]), torch.tensor(scale))  # ModelOpt's bf16 arithmetic
+    out = torch.empty(dense_shape(mod), dtype=FP8)
+    for r, c in dense_chunks(mod):
+        c.div_(scale).clamp_(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX)
+        out[r:r + c.shape[0]] = c.to(FP8)
+    return out
+
+
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``fp8(clamp(W / scale, ±448))`` in row chunks. Like ModelOpt, the division runs in W's dtype (a bf16
     weight divided by a 0-d fp32 scale stays bf16), which reproduces ModelOpt's FP8 bytes exactly."""
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(())
     out = torch.empty(w.shape, dtype=FP8)
-    step = max(1, (1 << 22) // max(w.shape[-1], 1))
+    step = nvfp4.row_chunk(w.shape[-1])
     for r in range(0, w.shape[0], step):
         out[r:r + step] = (w[r:r + step] / scale).clamp(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).to(FP8)
     return out
@@ -79,17 +91,17 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
                                 "--calib-ids FILE.json (token ids) to calibrate them with the reference model")
             from trtllm_loop.quantize.calibrate import activation_amax
             act = activation_amax(src, calib_ids)
-        w_amax = {p: float(dense_weight(mods[p]).abs().amax())
-                  for p in tqdm(targets, desc="amax", unit="mod", disable=None)}
+        w_amax = {p: weight_amax(mods[p]) for p in tqdm(targets, desc="amax", unit="mod", disable=None)}
         w_scale = {p: v / nvfp4.E4M3_MAX for p, v in w_amax.items()}
         in_scale = {p: v / nvfp4.E4M3_MAX for p, v in _share_fused(act, cfg.num_hidden_layers).items()}
 
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     jobs: list[tuple[str, object]] = []  # output name -> how to make it
     scalar = (torch.float32, ())
+    shapes = cfg.tensor_shapes()
     for prefix, mod in sorted(mods.items()):
         has_weight = "weight" in mod.tensors or "weight_packed" in mod.tensors
-        shape = tuple(cfg.tensor_shapes().get(mod.weight_name, ()))
+        shape = tuple(shapes.get(mod.weight_name, ()))
         if prefix in w_scale:
             for suffix, spec in (("weight", (FP8, shape)), ("weight_scale", scalar), ("input_scale", scalar)):
                 specs[f"{prefix}.{suffix}"] = spec
@@ -110,13 +122,13 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
     def produce():
         for name, (what, obj) in jobs:
             if what == "weight":
-                t = fp8_quantize(dense_weight(obj, keep_dtype=True), torch.tensor(w_scale[obj.prefix]))
+                t = fp8_from_module(obj, w_scale[obj.prefix])
             elif what == "weight_scale":
                 t = torch.tensor(w_scale[obj.prefix], dtype=torch.float32)
             elif what == "input_scale":
                 t = torch.tensor(in_scale[obj.prefix], dtype=torch.float32)
             elif what == "dense":
-                t = dense_weight(obj).to(dtype)
+                t = dense_weight(obj, dtype)
             else:
                 t = read_tensor(obj)
                 t = t.to(specs[name][0]).reshape(specs[name][1])
@@ -126,16 +138,16 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
     with atomic_dir(out) as tmp:
         files = write_tensors(tmp, specs, produce(), max_shard_bytes, desc=f"convert->{to}")
         copied = copy_side_files(src, tmp)
-        _write_configs(src, tmp, to, has_kv)
+        _write_configs(src, tmp, to, has_kv, str(dtype).removeprefix("torch."))
     return {"out": str(out), "to": to, "source_format": info.to_dict(), "files": files, "copied": copied,
             "fp8_linears": len(w_scale), "kv_scales": has_kv,
             "warnings": [str(w) for w in warnings]}
 
 
-def _write_configs(src: Path, dst: Path, to: str, has_kv: bool) -> None:
+def _write_configs(src: Path, dst: Path, to: str, has_kv: bool, dtype: str) -> None:
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config", None)
-    cfg["torch_dtype"] = "bfloat16"
+    cfg["torch_dtype"] = dtype
     cfg.pop("dtype", None)
     if to == "fp8":
         producer = {"name": "trtllm-loop", "version": __version__}

@@ -45,21 +45,10 @@ def decode_utf8(value, field: str) -> str:
 
 
 def string_list(arr, field: str) -> list[str]:
-    """``[batch=1, n]`` / ``[n]`` STRING tensor (or a JSON list in one element) -> list of words."""
+    """``[batch=1, n]`` / ``[n]`` STRING tensor -> list of words (empty strings dropped)."""
     if arr is None:
         return []
-    words: list[str] = []
-    for v in np.asarray(arr, dtype=object).reshape(-1):
-        s = decode_utf8(v, field)
-        if s.startswith("[") and s.endswith("]"):
-            try:
-                parsed = json.loads(s)
-            except json.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, list) and all(isinstance(w, str) for w in parsed):
-                words.extend(parsed)
-                continue
-        words.append(s)
+    words = [decode_utf8(v, field) for v in np.asarray(arr, dtype=object).reshape(-1)]
     words = [w for w in words if w != ""]
     if len(words) > MAX_STOP_WORDS:
         raise RequestError(f"{field} has {len(words)} entries; at most {MAX_STOP_WORDS} are allowed")
@@ -261,3 +250,74 @@ class PieceText:
         if len(self.cache) < 500_000:
             self.cache[t] = s
         return s
+
+
+# ----------------------------------------------------------------------------- request preparation
+class Preprocessor:
+    """Everything between the client's fields and the ``tensorrt_llm`` inputs, shared by ``preprocessing``
+    and ``tensorrt_llm_bls``: prompt rendering, tokenization, length checks, word lists, end/pad ids."""
+
+    def __init__(self, tokenizer, model_eos=None, max_input_len: int = 0, max_output_len: int = 0,
+                 add_special_tokens: bool = False):
+        self.tok = tokenizer
+        self.eos = eos_ids(tokenizer, model_eos)
+        self.max_input_len = int(max_input_len or 0)
+        self.max_output_len = int(max_output_len or 0)
+        self.add_special_tokens = add_special_tokens
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos[0])
+        # TRT-LLM has one end_id: the tokenizer's eos; the model's other eos ids go into the stop words
+        self.end_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.eos[0])
+
+    def prepare(self, text: str, max_tokens, *, apply_chat_template: bool = False,
+                chat_messages: str | None = None, system_prompt: str | None = None,
+                stop_words: list[str] = (), bad_words: list[str] = (), end_id: int | None = None,
+                pad_id: int | None = None) -> dict:
+        if max_tokens is None:
+            raise RequestError("max_tokens is missing: send the maximum number of tokens to generate (>= 1)")
+        max_tokens = int(max_tokens)
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}: ask for at least one token")
+        if self.max_output_len and max_tokens > self.max_output_len:
+            raise RequestError(f"max_tokens={max_tokens} exceeds this server's maximum of {self.max_output_len} "
+                               "(max_output_len): ask for fewer tokens")
+        prompt = render_prompt(self.tok, text, apply_chat_template=apply_chat_template,
+                               chat_messages=chat_messages, system_prompt=system_prompt)
+        ids = encode(self.tok, prompt, self.add_special_tokens)
+        if not ids:
+            raise RequestError("text_input encodes to zero tokens: send a non-empty prompt")
+        if self.max_input_len and len(ids) > self.max_input_len:
+            raise RequestError(f"the prompt is {len(ids)} tokens long; this server accepts at most "
+                               f"{self.max_input_len} (max_input_len): shorten text_input")
+        end = self.end_id if end_id is None else int(end_id)
+        stop_seqs = [encode(self.tok, w) for w in stop_words]
+        stop_seqs = [s for s in stop_seqs if s] + [[e] for e in self.eos if e != end]
+        bad_seqs = [s for s in (encode(self.tok, w) for w in bad_words) if s]
+        return {"input_ids": ids, "prompt": prompt, "max_tokens": max_tokens, "end_id": end,
+                "pad_id": self.pad_id if pad_id is None else int(pad_id),
+                "stop_words_list": to_word_list(stop_seqs), "bad_words_list": to_word_list(bad_seqs),
+                "stop_words": list(stop_words)}
+
+
+def model_eos_from_dir(model_dir: str):
+    """eos ids from ``generation_config.json`` (preferred) or ``config.json`` next to the tokenizer."""
+    import os
+
+    for name in ("generation_config.json", "config.json"):
+        p = os.path.join(model_dir, name)
+        if os.path.exists(p):
+            with open(p, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return eos
+    return None
+
+
+def parameters(model_config: dict) -> dict[str, str]:
+    """``config.pbtxt`` parameters as plain strings; unfilled ``${...}`` count as unset."""
+    out = {}
+    for k, v in (model_config.get("parameters") or {}).items():
+        s = v.get("string_value", "") if isinstance(v, dict) else str(v)
+        if not s.startswith("${"):
+            out[k] = s
+    return out

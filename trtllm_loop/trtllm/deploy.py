@@ -12,7 +12,9 @@ Layout written (into a temporary sibling directory, renamed into place at the en
       serve.sh                 trtllm-serve launcher, single GPU, TP on one node, or TP across nodes (MPI)
       python/                  a copy of the trtllm_loop package (the custom model code)
       custom_modules/iquest_loop/__init__.py   the --custom_module_dirs package that registers the model
-      triton/tensorrt_llm/{config.pbtxt,1/model.yaml}  Triton ``llmapi`` model
+      triton_repo/tensorrt_llm/{config.pbtxt,1/model.yaml}  Triton ``llmapi`` model repository (not named
+                               "triton": a directory of that name on sys.path shadows the triton package)
+      launch_triton.sh, triton_hooks/sitecustomize.py   start Triton with the model registered
       memory_plan.json, build_info.json
 
 The build configs live in ``build_configs/<target>.yaml``; each key is explained there.
@@ -125,13 +127,17 @@ def weight_format(ckpt: Path, cfg: LoopConfig) -> str:
         raise UserError(f"{info.source}: compressed-tensors NVFP4 is read by trtllm-loop's own runtimes, but "
                         "TensorRT-LLM 1.2.1's PyTorch backend loads ModelOpt checkpoints; re-export with ModelOpt "
                         "(hf_ptq.py --qformat nvfp4, see docs/nvfp4.md)")
-    if "NVFP4" in algo:
+    if algo in ("NVFP4_AWQ", "W4A16_NVFP4"):
+        raise UserError(f"{info.source}: quant_algo {info.quant_algo} is not a QuantAlgo of TensorRT-LLM 1.2.1 (its FP4 "
+                        "algos are NVFP4, W4A8_NVFP4_FP8 and MXFP4 variants), so the PyTorch backend cannot load it; "
+                        "re-export with ModelOpt --qformat nvfp4 (W4A4), or `trtllm-loop convert CKPT --to fp8`")
+    if algo == "NVFP4":
         return "nvfp4"
     if algo.startswith("FP8"):
         return "fp8"
     if algo:
         raise UserError(f"{info.source}: quant_algo {info.quant_algo!r} is not deployable with this builder; "
-                        "allowed: NVFP4, NVFP4_AWQ, W4A16_NVFP4, FP8, or a dense checkpoint")
+                        "allowed: NVFP4, FP8, or a dense checkpoint")
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", None: "bf16"}[cfg.torch_dtype]
 
 
@@ -167,6 +173,10 @@ def check_combination(bc: BuildConfig, cfg: LoopConfig, fmt: str, tp: int) -> No
         ok = [t for t in range(1, hkv + 1) if hkv % t == 0 and h % t == 0]
         raise UserError(f"tensor parallel size {tp} must divide num_attention_heads ({h}) and num_key_value_heads "
                         f"({hkv}) so that heads, KV heads and gate rows split alike; allowed: {ok}")
+    if bc.max_seq_len > cfg.max_position_embeddings:
+        raise UserError(f"{where}: field 'max_seq_len' {bc.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings} (RoPE positions it was not trained for); set max_seq_len "
+                        f"<= {cfg.max_position_embeddings}")
     if bc.enable_block_reuse:
         raise UserError(f"{where}: field 'enable_block_reuse' must stay false: block reuse with VSWA and the loop's "
                         "same-slot re-append is unproven (TRT-LLM PRs #10183, #10875)")
@@ -289,8 +299,12 @@ CMD=(trtllm-serve "$DIR" --backend pytorch --tp_size "$TP"
      --host "$HOST" --port "$PORT")
 if [[ -n "$HOSTFILE" ]]; then
   [[ -f "$HOSTFILE" ]] || {{ echo "serve.sh: hostfile $HOSTFILE not found" >&2; exit 2; }}
-  CMD=(mpirun --hostfile "$HOSTFILE" -np "$TP" --map-by ppr:1:node:PE=1 --bind-to none
-       -x PYTHONPATH -x TRTLLM_WINDOW_SIZE_SHARES -x TLLM_LOG_LEVEL
+  # one rank per hostfile slot (a DGX Spark has one GPU: slots=1 per node); export what env.sh set
+  XS=()
+  for v in PYTHONPATH TRTLLM_WINDOW_SIZE_SHARES TRTLLM_LOAD_KV_SCALES; do
+    [[ -n "${{!v:-}}" ]] && XS+=(-x "$v")
+  done
+  CMD=(mpirun --hostfile "$HOSTFILE" -np "$TP" --bind-to none "${{XS[@]}}"
        trtllm-llmapi-launch "${{CMD[@]}}")
 fi
 CMD+=("${{EXTRA[@]+"${{EXTRA[@]}}"}}")
@@ -314,7 +328,7 @@ PyTorch backend (``register_auto_model``) and the deploy-view config with transf
 import trtllm_loop.trtllm.torch_backend.modeling_iquest_loop  # noqa: F401
 '''
 
-SITECUSTOMIZE = '''"""Imported by Python at start-up when triton/python_hooks is on PYTHONPATH (launch_triton.sh): registers the
+SITECUSTOMIZE = '''"""Imported by Python at start-up when triton_hooks/ is on PYTHONPATH (launch_triton.sh): registers the
 loop model with TensorRT-LLM before Triton's llmapi model builds its LLM."""
 try:
     import trtllm_loop.trtllm.torch_backend.modeling_iquest_loop  # noqa: F401
@@ -326,10 +340,10 @@ LAUNCH_TRITON = r"""#!/usr/bin/env bash
 # Triton (tensorrtllm_backend llmapi model, LLM API + PyTorch backend) for this deploy directory.
 # Run inside the TensorRT-LLM/Triton container from the TensorRT-LLM triton_backend directory.
 set -euo pipefail
-DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$DIR/env.sh"
-export PYTHONPATH="$DIR/triton/python_hooks:$PYTHONPATH"
-exec python3 scripts/launch_triton_server.py --model_repo="$DIR/triton" "$@"
+export PYTHONPATH="$DIR/triton_hooks:$PYTHONPATH"
+exec python3 scripts/launch_triton_server.py --model_repo="$DIR/triton_repo" "$@"
 """
 
 TRITON_PBTXT = """# Triton llmapi model: batching and parallelism are configured in 1/model.yaml
@@ -411,7 +425,7 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         _copy_package(tmp / "python")
         (tmp / "custom_modules" / CUSTOM_MODULE).mkdir(parents=True)
         (tmp / "custom_modules" / CUSTOM_MODULE / "__init__.py").write_text(CUSTOM_MODULE_INIT)
-        tri = tmp / "triton" / "tensorrt_llm"
+        tri = tmp / "triton_repo" / "tensorrt_llm"
         (tri / "1").mkdir(parents=True)
         (tri / "config.pbtxt").write_text(TRITON_PBTXT)
         model_yaml = {"model": str(out.resolve()), "backend": "pytorch", "tensor_parallel_size": tp,
@@ -420,10 +434,10 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         (tri / "1" / "model.yaml").write_text(
             "# Triton tensorrtllm_backend llmapi model: keys are tensorrt_llm.LLM(...) arguments\n"
             + yaml.safe_dump(model_yaml, sort_keys=False))
-        (tmp / "triton" / "python_hooks").mkdir()
-        (tmp / "triton" / "python_hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        (tmp / "triton" / "launch_triton.sh").write_text(LAUNCH_TRITON)
-        (tmp / "triton" / "launch_triton.sh").chmod(0o755)
+        (tmp / "triton_hooks").mkdir()
+        (tmp / "triton_hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        (tmp / "launch_triton.sh").write_text(LAUNCH_TRITON)
+        (tmp / "launch_triton.sh").chmod(0o755)
         (tmp / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         info = {"architecture": ARCHITECTURE, "checkpoint": str(ckpt.resolve()), "target": bc.target,
                 "build_config": asdict(bc), "weight_format": fmt, "tensor_parallel_size": tp,

@@ -39,6 +39,10 @@ class TritonPythonModel:
         try:
             query = _opt(request, "QUERY")
             out_len = _opt(request, "REQUEST_OUTPUT_LEN")
+            if query is None:
+                raise lt.RequestError("text_input is missing: send the prompt as a string")
+            if out_len is None:
+                raise lt.RequestError("max_tokens is missing: send the maximum number of tokens to generate (>= 1)")
             batch = query.shape[0]
             chat = _opt(request, "CHAT_MESSAGES")
             system = _opt(request, "SYSTEM_PROMPT")

@@ -57,7 +57,7 @@ from tensorrt_llm.bindings import LayerType  # noqa: E402
 from tensorrt_llm.functional import PositionEmbeddingType  # noqa: E402
 
 from trtllm_loop.config import ARCHITECTURE, LoopConfig  # noqa: E402
-from trtllm_loop.modeling.loop import apply_rope, compute_gate, mix, rope_cos_sin  # noqa: E402
+from trtllm_loop.modeling.loop import apply_rope, compute_gate, mix  # noqa: E402
 from trtllm_loop.trtllm.torch_backend.config_view import loop_config_from_view  # noqa: E402
 
 # --- VSWA: TRT-LLM 1.2.1 ModelConfig.get_layer_types() answers only for Gemma3ForCausalLM ("This method is a
@@ -103,7 +103,7 @@ class IQuestLoopAttention(nn.Module):
         dtype = model_config.pretrained_config.torch_dtype
         self.num_heads, self.num_kv_heads = c.num_attention_heads // tp, c.num_key_value_heads // tp
         self.head_dim, self.window = c.head_dim, c.loop_window_size
-        self.q_size, self.kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
+        self.q_size = self.num_heads * c.head_dim
         quant = model_config.get_quant_config()
         skip = model_config.skip_create_weights_in_init
         self.qkv_proj = Linear(c.hidden_size, (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim,
@@ -174,6 +174,11 @@ class IQuestLoopModel(DecoderModel):
 
     def __init__(self, model_config: ModelConfig):
         super().__init__(model_config)
+        mapping = model_config.mapping
+        if mapping.pp_size != 1 or getattr(mapping, "enable_attention_dp", False):
+            # DecoderModel.__pp_init__ would split num_hidden_layers (the 2L KV layers) over our L modules
+            raise ValueError("IQuestLoopCoderForCausalLM supports tensor parallelism only (pipeline_parallel_size 1, "
+                             "no attention DP): both passes run every layer, so a PP stage would wait for the others")
         cfg = loop_config_from_view(model_config.pretrained_config)
         self.loop_cfg = cfg
         dtype = model_config.pretrained_config.torch_dtype
@@ -186,12 +191,22 @@ class IQuestLoopModel(DecoderModel):
         # pass-1 k|v of every layer for the tokens of one step (2 * kv_size / tp values per token and layer)
         self.register_buffer("kv_stash", torch.zeros(cfg.num_hidden_layers, model_config.max_num_tokens,
                                                      2 * cfg.kv_size // tp, dtype=dtype), persistent=False)
+        # RoPE frequencies of trtllm_loop.modeling.loop.rope_cos_sin, resident on the model's device: building
+        # them in forward would copy host memory to the GPU, which CUDA-graph capture does not allow
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
+                                             / cfg.head_dim))
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos/sin ``[N, head_dim]`` (rotate-half layout) of the step's positions, for the gate's RoPE of q2."""
+        angles = position_ids.reshape(-1).float()[:, None] * self.rope_inv_freq
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, attn_metadata, input_ids: torch.Tensor = None, position_ids: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, lora_params=None, **kwargs) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cfg = self.loop_cfg
-        cos, sin = rope_cos_sin(position_ids.reshape(-1), cfg.head_dim, cfg.rope_theta, h.dtype)
+        cos, sin = self.rope_tables(position_ids, h.dtype)
         for l, layer in enumerate(self.layers):
             h = layer.forward_pass1(h, attn_metadata, self.kv_stash[l])
         for l, layer in enumerate(self.layers):

@@ -46,8 +46,8 @@ def quant_config_for(ckpt: Path):
     try:
         algo = QuantAlgo(info.quant_algo)
     except ValueError:
-        raise UserError(f"{info.source}: quant_algo {info.quant_algo!r} is not loadable by the TRT-LLM adapter; "
-                        "allowed: NVFP4, NVFP4_AWQ, W4A16_NVFP4, FP8") from None
+        raise UserError(f"{info.source}: quant_algo {info.quant_algo!r} is not loadable by TensorRT-LLM 1.2.1's "
+                        "PyTorch backend (no such QuantAlgo); allowed: NVFP4 (W4A4), FP8, or a dense checkpoint") from None
     return QuantConfig(quant_algo=algo, group_size=info.group_size or 16, exclude_modules=info.exclude_modules)
 
 

@@ -1,7 +1,7 @@
 """Mimics ``tensorrt_llm/_torch/attention_backend/interface.py`` (1.2.1): the metadata every attention backend
 reads, RoPE parameters and the backend base class."""
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, List, Optional, TypeVar
 
 import torch

@@ -58,7 +58,6 @@ def load_weight_shard(weight, tensor_parallel_size=1, tensor_parallel_rank=0, te
     return weight.narrow(dim, tensor_parallel_rank * w, min(w, width - tensor_parallel_rank * w)).to(device)
 
 
-_NVFP4 = (QuantAlgo.NVFP4, QuantAlgo.NVFP4_AWQ, QuantAlgo.W4A16_NVFP4)
 
 
 def _scalar(t) -> torch.Tensor:
@@ -113,14 +112,11 @@ class Linear(nn.Module):
     def _dense(self, w: Dict) -> torch.Tensor:
         """One checkpoint part (dict of weight / scales) -> dense fp32 [out, in] (full, unsplit)."""
         algo = self.quant_algo
-        if algo in _NVFP4:
+        if algo == QuantAlgo.NVFP4:
             from trtllm_loop import nvfp4
             if w["weight"].dtype != torch.uint8 or w["weight_scale"].dtype != torch.float8_e4m3fn:
                 raise ValueError("NVFP4LinearMethod expects packed uint8 'weight' and float8_e4m3fn 'weight_scale'")
-            dense = nvfp4.dequantize(w["weight"], w["weight_scale"], _scalar(w["weight_scale_2"]))
-            if "pre_quant_scale" in w:
-                dense = dense * w["pre_quant_scale"].float()
-            return dense
+            return nvfp4.dequantize(w["weight"], w["weight_scale"], _scalar(w["weight_scale_2"]))
         if algo == QuantAlgo.FP8:
             return w["weight"].float() * _scalar(w["weight_scale"])
         if algo is not None:
@@ -139,11 +135,9 @@ class Linear(nn.Module):
         mode = self.weights_loading_config.weight_mode
         n = {WeightMode.VANILLA: 1, WeightMode.FUSED_QKV_LINEAR: 3, WeightMode.FUSED_GATE_UP_LINEAR: 2}[mode]
         assert len(weights) == n, f"{mode} expects {n} weight dicts, got {len(weights)}"
-        if self.quant_algo in _NVFP4:  # one FP4 GEMM per fused Linear: one global weight and input scale
+        if self.quant_algo == QuantAlgo.NVFP4:  # one FP4 GEMM per fused Linear: one weight and input scale
             self._shared_scalar(weights, "weight_scale_2")
-            s = self._shared_scalar(weights, "input_scale")
-            if self.quant_algo != QuantAlgo.W4A16_NVFP4:
-                self.input_scale = s
+            self.input_scale = self._shared_scalar(weights, "input_scale")
         parts = [load_weight_shard(self._dense(w), self.tp_size, self.tp_rank, self.tp_mode) for w in weights]
         self.weight.data.copy_(torch.cat(parts, dim=0).to(self.weight.dtype))
         if self.bias is not None:

@@ -9,7 +9,6 @@ loop's slot plan, so the double accepts the two-entry pattern ``[full, window]``
 import math
 from typing import List, Optional
 
-import torch
 
 from tensorrt_llm.bindings import DataType
 from tensorrt_llm.mapping import Mapping

@@ -1,0 +1,266 @@
+"""`trtllm-loop build --backend pytorch`: a complete deploy directory for every build config; bad combinations
+refused with a message naming the fix."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trtllm_loop.cli import main
+from trtllm_loop.config import LoopConfig
+from trtllm_loop.errors import UserError
+from trtllm_loop.trtllm import deploy
+from trtllm_loop.trtllm.deploy import build, load_build_config, memory_plan
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = REPO / "tests" / "fixtures" / "nvfp4"
+CONFIGS = sorted((REPO / "build_configs").glob("*.yaml"))
+CKPT_FOR = {"nvfp4": FIX / "modelopt_nvfp4", "fp8": FIX / "modelopt_fp8"}
+DOUBLE = REPO / "trtllm_loop" / "trtllm" / "double"
+
+
+def test_every_target_has_a_config():
+    assert {p.stem for p in CONFIGS} == {"b200", "gb10", "rtx-pro-6000", "h200-fp8", "h100-fp8"}
+
+
+@pytest.fixture(scope="module", params=[p.stem for p in CONFIGS])
+def deployed(request, tmp_path_factory):
+    cfg_path = REPO / "build_configs" / f"{request.param}.yaml"
+    bc = load_build_config(cfg_path)
+    ckpt = CKPT_FOR[bc.weight_formats[0]]
+    out = tmp_path_factory.mktemp(request.param) / "deploy"
+    info = build(ckpt, cfg_path, out)
+    return bc, ckpt, out, info
+
+
+def test_deploy_dir_is_complete_and_its_yaml_loads(deployed):
+    bc, ckpt, out, info = deployed
+    for f in ("config.json", "hf_config.json", "model.safetensors", "hf_quant_config.json", "llm_api_options.yaml",
+              "env.sh", "serve.sh", "memory_plan.json", "build_info.json", "custom_modules/iquest_loop/__init__.py",
+              "python/trtllm_loop/trtllm/torch_backend/modeling_iquest_loop.py", "triton_repo/tensorrt_llm/config.pbtxt",
+              "triton_repo/tensorrt_llm/1/model.yaml", "triton_hooks/sitecustomize.py", "launch_triton.sh"):
+        assert (out / f).is_file(), f
+    assert not (out / "python" / "trtllm_loop" / "trtllm" / "double").exists()  # the real TRT-LLM serves
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]          # no temp dir left behind
+    src = LoopConfig.from_file(ckpt)
+    view = json.loads((out / "config.json").read_text())
+    assert view["num_hidden_layers"] == 2 * src.num_hidden_layers == 2 * view["num_unique_layers"]
+    assert view["architectures"] == ["IQuestLoopCoderForCausalLM"]
+    assert json.loads((out / "hf_config.json").read_text()) == json.loads((ckpt / "config.json").read_text())
+    assert os.stat(out / "model.safetensors").st_ino == os.stat(ckpt / "model.safetensors").st_ino  # hard link
+
+    opts = yaml.safe_load((out / "llm_api_options.yaml").read_text())
+    kv = opts["kv_cache_config"]
+    assert kv["max_attention_window"] == [bc.max_seq_len, src.loop_window_size]
+    assert kv["enable_block_reuse"] is False and kv["host_cache_size"] == 0
+    assert kv["free_gpu_memory_fraction"] == bc.free_gpu_memory_fraction
+    assert opts["cuda_graph_config"]["enable_padding"] is True
+    assert max(opts["cuda_graph_config"]["batch_sizes"]) <= opts["max_batch_size"]
+    if info["weight_format"] == "nvfp4":
+        backends = opts["nvfp4_gemm_config"]["allowed_backends"]
+        assert backends == (["cublaslt"] if bc.sm == 121 else backends) and backends
+    else:
+        assert "nvfp4_gemm_config" not in opts
+    model_yaml = yaml.safe_load((out / "triton_repo/tensorrt_llm/1/model.yaml").read_text())
+    assert model_yaml["backend"] == "pytorch" and Path(model_yaml["model"]) == out.resolve()
+    assert model_yaml["kv_cache_config"] == kv and model_yaml["triton_config"]["max_batch_size"] == 0
+
+    env = (out / "env.sh").read_text()
+    shares = [float(x) for x in env.split("TRTLLM_WINDOW_SIZE_SHARES=")[1].split()[0].split(",")]
+    assert abs(sum(shares) - 1.0) < 1e-6 and shares[0] < 0.01  # window pools need a tiny share of KV memory
+
+
+def test_serve_sh_single_gpu_tp_and_multinode(deployed, tmp_path):
+    _, _, out, _ = deployed
+    serve = out / "serve.sh"
+    assert os.access(serve, os.X_OK)
+    env = dict(os.environ, DRY_RUN="1")
+
+    def run(*args):
+        return subprocess.run(["bash", str(serve), *args], env=env, capture_output=True, text=True)
+
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("trtllm-serve ") and "--backend pytorch" in r.stdout and "--tp_size 1" in r.stdout
+    assert f"--custom_module_dirs {out}/custom_modules/iquest_loop" in r.stdout
+    assert f"--extra_llm_api_options {out}/llm_api_options.yaml" in r.stdout
+    r = run("--tp", "2", "--port", "9000")
+    assert r.returncode == 0 and "--tp_size 2" in r.stdout and "--port 9000" in r.stdout
+    hosts = tmp_path / "hosts"
+    hosts.write_text("spark-a slots=1\nspark-b slots=1\n")
+    r = run("--tp", "2", "--hostfile", str(hosts))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("mpirun ") and "-np 2" in r.stdout and "trtllm-llmapi-launch trtllm-serve" in r.stdout
+    assert "-x TRTLLM_WINDOW_SIZE_SHARES" in r.stdout and "-x PYTHONPATH" in r.stdout
+    r = run("--tp", "3")
+    assert r.returncode == 2 and "allowed: 1 2" in r.stderr
+    r = run("--tp", "2", "--hostfile", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_custom_module_dir_registers_the_model(tmp_path):
+    """What trtllm-serve --custom_module_dirs does: import the package, then find the architecture."""
+    out = tmp_path / "deploy"
+    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out)
+    code = ("import sys, iquest_loop; from tensorrt_llm._torch.models.modeling_utils import MODEL_CLASS_MAPPING; "
+            "import trtllm_loop; print(MODEL_CLASS_MAPPING['IQuestLoopCoderForCausalLM'].__module__, "
+            "trtllm_loop.__file__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(out / "python"), str(out / "custom_modules"), str(DOUBLE)]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=out)
+    assert r.returncode == 0, r.stderr
+    module, path = r.stdout.split()
+    assert module == "trtllm_loop.trtllm.torch_backend.modeling_iquest_loop"
+    assert path.startswith(str(out / "python"))  # the deploy directory's own copy
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def _refused(*args, match, **kw):
+    with pytest.raises(UserError, match=match):
+        build(*args, **kw)
+
+
+def test_nvfp4_on_hopper_suggests_fp8_convert(tmp_path):
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/h100-fp8.yaml", tmp_path / "o",
+             match=r"Hopper has no FP4.*trtllm-loop convert CKPT --to fp8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_dense_on_nvfp4_only_target_and_fp8_on_blackwell(tmp_path):
+    _refused(FIX / "source", REPO / "build_configs/gb10.yaml", tmp_path / "o", match="quantize it to NVFP4")
+    _refused(FIX / "modelopt_fp8", REPO / "build_configs/b200.yaml", tmp_path / "o",
+             match=r"accepts weight formats \['nvfp4', 'bf16'\], the checkpoint is fp8")
+    _refused(FIX / "source", REPO / "build_configs/h200-fp8.yaml", tmp_path / "o", match="--to fp8")
+
+
+def test_compressed_tensors_and_bad_tp_refused(tmp_path):
+    _refused(FIX / "llmc_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o", match="re-export with ModelOpt")
+    for name in ("modelopt_w4a16_nvfp4", "modelopt_nvfp4_awq"):
+        _refused(FIX / name, REPO / "build_configs/b200.yaml", tmp_path / "o", match="not a QuantAlgo of TensorRT-LLM")
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o", tp=3,
+             match=r"tensor parallel size 3 must divide.*allowed: \[1, 2\]")
+
+
+def test_existing_out_needs_force(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, match="--force")
+    assert (out / "keep").exists()
+    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True, weights="copy")
+    assert not (out / "keep").exists() and (out / "serve.sh").exists()
+    assert os.stat(out / "model.safetensors").st_ino != os.stat(FIX / "modelopt_nvfp4/model.safetensors").st_ino
+
+
+def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
+    def boom(dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(deploy, "_copy_package", boom)
+    with pytest.raises(OSError):
+        build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.pop("max_seq_len"), "field 'max_seq_len' is missing"),
+    (lambda d: d.update(bogus=1), r"unknown field\(s\) \['bogus'\]"),
+    (lambda d: d.update(weight_formats=["int4"]), "field 'weight_formats'"),
+    (lambda d: d.update(kv_cache_dtype="int8"), "field 'kv_cache_dtype'"),
+    (lambda d: d.update(nvfp4_gemm_allowed_backends=["magic"]), "nvfp4_gemm_allowed_backends"),
+    (lambda d: d.update(free_gpu_memory_fraction=0.99), "free_gpu_memory_fraction"),
+    (lambda d: d.update(max_batch_size=0), "field 'max_batch_size' is 0"),
+    (lambda d: d.update(max_batch_size="8"), "field 'max_batch_size' is '8'"),
+    (lambda d: d.update(cuda_graph={"batch_sizes": [1, 64]}), "goes up to 64"),
+    (lambda d: d.update(cuda_graph={"batch_sizes": [0]}), "positive integers"),
+])
+def test_bad_build_config_names_the_field(tmp_path, edit, match):
+    d = yaml.safe_load((REPO / "build_configs/gb10.yaml").read_text())
+    edit(d)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(UserError, match=match):
+        load_build_config(p)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (dict(nvfp4_gemm_allowed_backends=["cutlass", "cublaslt"]), "only cublaslt works"),
+    (dict(host_cache_size=1 << 30), "host_cache_size' must be 0 on unified memory"),
+    (dict(kv_cache_dtype="nvfp4"), "needs SM100"),
+    (dict(enable_block_reuse=True), "enable_block_reuse' must stay false"),
+    (dict(nvfp4_gemm_allowed_backends=[]), "is empty but the checkpoint is NVFP4"),
+    (dict(max_seq_len=262144), "exceeds the model's max_position_embeddings 131072"),
+])
+def test_unsupported_gb10_settings_refused(tmp_path, edit, match):
+    d = yaml.safe_load((REPO / "build_configs/gb10.yaml").read_text())
+    d.update(edit)
+    p = tmp_path / "gb10-custom.yaml"
+    p.write_text(yaml.safe_dump(d))
+    _refused(FIX / "modelopt_nvfp4", p, tmp_path / "o", match=match)
+
+
+def test_unreadable_configs_refused(tmp_path):
+    with pytest.raises(UserError, match="build config not found.*b200.yaml"):
+        load_build_config(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("a: [1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_build_config(tmp_path / "x.yaml")
+    (tmp_path / "y.yaml").write_text("- 1\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_build_config(tmp_path / "y.yaml")
+    bad = tmp_path / "badckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _refused(bad, REPO / "build_configs/b200.yaml", tmp_path / "o", match="model_type")
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o", weights="move",
+             match="--weights 'move'")
+
+
+# ------------------------------------------------------------------------------------------ memory plan
+def test_memory_plan_matches_the_documented_40b_numbers():
+    """loop-architecture.md 6.2 / tensorrt-llm.md 3.4: FP8 KV 160 KiB per token over the 80 pass-1 layers;
+    the BF16 pass-1 K/V stash for 8192 tokens is ~2.7 GB."""
+    cfg = LoopConfig()  # the released 40B shape
+    bc = load_build_config(REPO / "build_configs/b200.yaml")
+    plan = memory_plan(bc, cfg, weight_bytes=23_500_000_000, tp=1, fmt="nvfp4")
+    assert plan["kv_bytes_per_token_per_kv_layer_per_gpu"] * 80 == 163_840
+    assert plan["kv_stash_bytes_per_gpu"] == 80 * 8192 * 2 * 1024 * 2
+    assert plan["window_tokens_per_sequence"] == 96  # 64 keys -> 2 blocks of 32, plus the block being written
+    assert plan["max_full_length_sequences"] >= 20
+    plan2 = memory_plan(bc, cfg, weight_bytes=23_500_000_000, tp=2, fmt="nvfp4")
+    assert plan2["weights_bytes_per_gpu"] * 2 == plan["weights_bytes_per_gpu"]
+
+
+def test_bf16_40b_does_not_fit_one_h100():
+    cfg = LoopConfig()
+    bc = load_build_config(REPO / "build_configs/h100-fp8.yaml")
+    with pytest.raises(UserError, match="leave no room"):
+        deploy._check_fits(bc, memory_plan(bc, cfg, weight_bytes=79_589_392_640, tp=1, fmt="bf16"))
+    deploy._check_fits(bc, memory_plan(bc, cfg, weight_bytes=40_600_000_000, tp=2, fmt="fp8"))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_build_and_error(tmp_path, capsys):
+    rc = main(["build", str(FIX / "modelopt_nvfp4"), "--backend", "pytorch", "--config",
+               str(REPO / "build_configs/rtx-pro-6000.yaml"), "--out", str(tmp_path / "d"), "--tp", "2"])
+    assert rc == 0
+    assert "TP 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d/build_info.json").read_text())["tensor_parallel_size"] == 2
+    rc = main(["build", str(FIX / "modelopt_nvfp4"), "--config", str(REPO / "build_configs/h200-fp8.yaml"),
+               "--out", str(tmp_path / "e")])
+    assert rc == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_target_hosts_the_released_40b_model(path):
+    """Each target's values leave KV room for at least 8 full-length sequences of the 40B model in each of its
+    weight formats (sizes from loop-architecture.md 6.4: NVFP4 ~23.5 GB, FP8 ~40.6 GB, BF16 79.6 GB)."""
+    bc = load_build_config(path)
+    sizes = {"nvfp4": 23_500_000_000, "fp8": 40_600_000_000, "bf16": 79_589_392_640}
+    for fmt in bc.weight_formats:
+        plan = memory_plan(bc, LoopConfig(), sizes[fmt], bc.tensor_parallel_size, fmt)
+        assert plan["max_full_length_sequences"] >= 8, (bc.target, fmt, plan)

@@ -1,0 +1,355 @@
+"""The TensorRT-LLM PyTorch-backend adapter, executed on the API double (`trtllm-loop logits --mode torch-backend`).
+
+Expected logits never come from the code under test: the shared golden files, the float64 NumPy oracle
+(`tests/loopref.py`, written from the spec) and, for NVFP4 checkpoints, the reference model with the
+checkpoint's dequantized weights (and W4A4 activation emulation)."""
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from conftest import GOLDEN_CASES, golden, make_checkpoint
+from loopref import forward
+from trtllm_loop.cli import main
+from trtllm_loop.commands.logits import compute
+from trtllm_loop.errors import UserError
+from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
+from trtllm_loop.trtllm.torch_backend import run_logits
+
+TOL = 1e-4
+FIX = "tests/fixtures/nvfp4"
+tllm, IS_DOUBLE = ensure_tensorrt_llm()
+pytestmark = pytest.mark.skipif(not IS_DOUBLE, reason="CPU tests of the adapter run on the API double")
+
+SCHEDULES = [dict(chunk=256, tokens_per_block=16),                    # whole prompt in one context step
+             dict(chunk=5, tokens_per_block=4),                       # chunked context, blocks cross the window
+             dict(chunk=3, tokens_per_block=3, prefill_len=7)]        # then teacher-forced decode steps
+
+
+def maxdiff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+@pytest.mark.parametrize("name", GOLDEN_CASES)
+def test_golden_batched_and_chunked(name):
+    d, ids, expected = golden(name)
+    seqs = [ids, ids[:8], ids[:1], ids[:-2]]  # by causality expected[:n] are the prefix's logits
+    for sched in SCHEDULES:
+        outs = compute(str(d), seqs, "torch-backend", **sched)
+        for s, got in zip(seqs, outs):
+            assert got.shape == (len(s), expected.shape[1]) and got.dtype == np.float32
+            assert maxdiff(got, expected[:len(s)]) < TOL, (name, sched, len(s))
+
+
+# new golden-like cases: shapes whose heads split over 2 and 4 ranks, MQA, tied embeddings, window > length
+CASES = {
+    "h8_kv4_w5": dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, hidden_size=64, loop_window_size=5),
+    "h8_kv4_tied_w3_vocab_odd": dict(num_attention_heads=8, num_key_value_heads=4, head_dim=6, hidden_size=40,
+                                     loop_window_size=3, tie_word_embeddings=True, vocab_size=99),
+    "mqa_w4": dict(num_key_value_heads=1, loop_window_size=4),
+    "window_longer_than_seq": dict(loop_window_size=200, num_hidden_layers=3),
+}
+
+
+_BUILT: dict = {}
+
+
+def _case(name, tmp_path_factory):
+    """Checkpoint + prompts + oracle logits of a case, built once per session."""
+    if name not in _BUILT:
+        d, conf, w = make_checkpoint(tmp_path_factory.mktemp(name), seed=zlib.crc32(name.encode()) % 997,
+                                     **CASES[name])
+        rng = np.random.default_rng(len(name))
+        seqs = [rng.integers(0, conf["vocab_size"], n).tolist() for n in (31, 12, 2)]
+        _BUILT[name] = (d, conf, w, seqs, [forward(conf, w, s) for s in seqs])
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_new_cases_single_and_batched(name, tmp_path_factory):
+    d, conf, w, seqs, expected = _case(name, tmp_path_factory)
+    [got] = run_logits(d, seqs[:1], chunk=7, tokens_per_block=4)
+    assert maxdiff(got, expected[0]) < TOL
+    outs = run_logits(d, seqs, chunk=4, tokens_per_block=4, prefill_len=9)
+    for got, exp in zip(outs, expected):
+        assert maxdiff(got, exp) < TOL
+    # the case is sensitive: the oracle's bug knobs move it far beyond the tolerance
+    assert maxdiff(forward(conf, w, seqs[0], gate_pre_rope=True), expected[0]) > 100 * TOL
+    assert maxdiff(forward(conf, w, seqs[0], global_from_loop1=True), expected[0]) > 100 * TOL
+
+
+@pytest.mark.parametrize("name,tp", [(n, tp) for n in sorted(CASES) for tp in (2, 4)
+                                     if CASES[n].get("num_key_value_heads", 2) % tp == 0])
+def test_tensor_parallel_ranks_equal_tp1_and_oracle(name, tp, tmp_path_factory):
+    """Simulated ranks (threads, summed all-reduce): heads, KV heads and gate rows split over the ranks."""
+    d, conf, _, seqs, expected = _case(name, tmp_path_factory)
+    one = run_logits(d, seqs, chunk=5, tokens_per_block=4, prefill_len=11)
+    many = run_logits(d, seqs, chunk=5, tokens_per_block=4, prefill_len=11, tp_size=tp)
+    for a, b, exp in zip(one, many, expected):
+        assert maxdiff(b, exp) < TOL
+        assert maxdiff(a, b) < 2e-5  # only the all-reduce's summation order differs
+
+
+def test_cli_logits_torch_backend_tp2(tmp_path, tmp_path_factory):
+    d, conf, _, seqs, expected = _case("h8_kv4_w5", tmp_path_factory)
+    files = []
+    for i, s in enumerate(seqs):
+        files += ["--ids", str(tmp_path / f"{i}.json")]
+        (tmp_path / f"{i}.json").write_text(json.dumps(s))
+    rc = main(["logits", str(d), *files, "--mode", "torch-backend", "--tp", "2", "--chunk", "6",
+               "--tokens-per-block", "4", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    for i, exp in enumerate(expected):
+        assert maxdiff(np.load(tmp_path / "out" / f"{i}.npy"), exp) < TOL
+
+
+@pytest.mark.parametrize("gate_bias,override,window", [(-40.0, 0.0, 64), (40.0, 1.0, 4)])
+def test_local_window_and_global_branch_in_isolation(tmp_path, gate_bias, override, window):
+    """Gate forced to 0: pass 2 = local attention over exactly W = 64 keys including the current token (the
+    window crosses block and chunk edges). Gate forced to 1: pass 2 = global attention over the pass-1 K/V
+    re-appended into the same KV layer."""
+    d, conf, w = make_checkpoint(tmp_path, seed=7, gate_bias=gate_bias, gate_weight_zero=True,
+                                 loop_window_size=window)
+    ids = np.random.default_rng(2).integers(0, conf["vocab_size"], 90).tolist()
+    exact = forward(conf, w, ids, gate_override=override)
+    [got] = run_logits(d, [ids], chunk=13, tokens_per_block=8, prefill_len=70)
+    assert maxdiff(got, exact) < TOL
+    if override == 0.0:
+        for off_by_one in (63, 65):
+            assert maxdiff(forward(conf, w, ids, window=off_by_one, gate_override=0.0)[64:], exact[64:]) > 100 * TOL
+    else:
+        assert maxdiff(forward(conf, w, ids, global_from_loop1=True, gate_override=1.0), exact) > 100 * TOL
+
+
+# ------------------------------------------------------------------------------------------ NVFP4 / FP8
+def _reference(ckpt: str, ids: list[int], w4a4: bool) -> np.ndarray:
+    from trtllm_loop.checkpoint import load_state_dict
+    from trtllm_loop.modeling.load import load_model
+    from trtllm_loop.quantize.emulate import emulate_nvfp4_activations
+
+    model = load_model(ckpt, "float32")
+    _, scales = load_state_dict(ckpt, torch.float32, return_input_scales=True)
+    hooks = emulate_nvfp4_activations(model, scales) if w4a4 else []
+    with torch.no_grad():
+        out = model(torch.tensor([ids])).logits[0].float().numpy()
+    for h in hooks:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize("name,w4a4", [("modelopt_nvfp4", True), ("modelopt_nvfp4_fp8kv", True),
+                                       ("modelopt_fp8", False)])
+def test_quantized_checkpoints_load_through_the_linear_methods(name, w4a4):
+    ckpt = f"{FIX}/{name}"
+    ids = json.loads(open(f"{FIX}/source/input_ids.json").read())
+    expected = _reference(ckpt, ids, w4a4)
+    outs = run_logits(ckpt, [ids, ids[:9]], chunk=6, tokens_per_block=4, prefill_len=20)
+    assert maxdiff(outs[0], expected) < TOL and maxdiff(outs[1], expected[:9]) < TOL
+    [tp2] = run_logits(ckpt, [ids], chunk=6, tokens_per_block=4, tp_size=2)
+    assert maxdiff(tp2, expected) < TOL
+    if w4a4:  # activation quantization matters: weight-only emulation is far off
+        assert maxdiff(_reference(ckpt, ids, False), expected) > 100 * TOL
+
+
+def test_unequal_fused_global_scales_are_rejected_like_trtllm(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ck"
+    shutil.copytree(f"{FIX}/modelopt_nvfp4", d)
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.layers.0.self_attn.k_proj.weight_scale_2"] = sd["model.layers.0.self_attn.k_proj.weight_scale_2"] * 2
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(AssertionError, match="weight_scale_2 should be same"):
+        run_logits(d, [[1, 2, 3]], chunk=4)
+
+
+@pytest.mark.parametrize("name", ["modelopt_w4a16_nvfp4", "modelopt_nvfp4_awq"])
+def test_quant_algos_trtllm_does_not_have_are_refused(name):
+    with pytest.raises(UserError, match="not loadable by TensorRT-LLM 1.2.1"):
+        run_logits(f"{FIX}/{name}", [[1, 2, 3]], chunk=4)
+
+
+# ------------------------------------------------------------------------------------------ CUDA-graph safety
+class _NoHostSync(TorchFunctionMode):
+    """Fails, outside the (emulated) attention kernel, on any op that makes the host wait for the device, and on
+    tensors created without an explicit device (on a GPU they are host tensors copied in: not capturable)."""
+    SYNC = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+            torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.nonzero, torch.nonzero}
+    HOST_ALLOC = {torch.tensor, torch.as_tensor, torch.arange, torch.zeros, torch.ones, torch.empty, torch.full,
+                  torch.linspace}
+    kernel_depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _NoHostSync.kernel_depth == 0:
+            if func in self.SYNC:
+                raise AssertionError(f"host sync inside forward: {getattr(func, '__name__', func)}")
+            if func in self.HOST_ALLOC and "device" not in (kwargs or {}):
+                raise AssertionError(f"host allocation inside forward: {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_has_no_host_sync(monkeypatch):
+    from tensorrt_llm._torch.attention_backend import trtllm as backend
+
+    d, ids, expected = golden(GOLDEN_CASES[0])
+    original = backend.TrtllmAttention.forward
+
+    def kernel(self, *a, **k):  # the real op is one CUDA kernel; the double's emulator runs host code
+        _NoHostSync.kernel_depth += 1
+        try:
+            return original(self, *a, **k)
+        finally:
+            _NoHostSync.kernel_depth -= 1
+
+    monkeypatch.setattr(backend.TrtllmAttention, "forward", kernel)
+    from trtllm_loop.trtllm.torch_backend import modeling_iquest_loop as m
+    base = m.IQuestLoopCoderForCausalLM.forward
+
+    def guarded(self, *a, **k):
+        with _NoHostSync():
+            return base(self, *a, **k)
+
+    monkeypatch.setattr(m.IQuestLoopCoderForCausalLM, "forward", guarded)
+    [got] = run_logits(d, [ids], chunk=8, tokens_per_block=4, prefill_len=20)
+    assert maxdiff(got, expected) < TOL
+    # the detector does fire
+    with pytest.raises(AssertionError, match="host sync"):
+        with _NoHostSync():
+            torch.ones(1, device="cpu").item()
+    with pytest.raises(AssertionError, match="host allocation"):
+        with _NoHostSync():
+            torch.arange(4)
+
+
+def test_rope_tables_equal_the_reference_rope():
+    """The device-resident RoPE tables of the gate equal the reference RoPE, also far beyond the golden lengths."""
+    from tensorrt_llm._torch.model_config import ModelConfig
+
+    from trtllm_loop.config import LoopConfig
+    from trtllm_loop.modeling.loop import rope_cos_sin
+    from trtllm_loop.trtllm.torch_backend.config_view import IQuestLoopTrtllmConfig, to_view_dict
+    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import IQuestLoopCoderForCausalLM
+
+    d, _, _ = golden("s1_gqa4x2_w8_T29")
+    cfg = LoopConfig.from_file(d)
+    model = IQuestLoopCoderForCausalLM(ModelConfig(pretrained_config=IQuestLoopTrtllmConfig(**to_view_dict(cfg, 64))))
+    pos = torch.tensor([[0, 1, 5, 17, 4095, 131071]])
+    for dt in (torch.float32, torch.bfloat16):
+        got = model.model.rope_tables(pos, dt)
+        want = rope_cos_sin(pos.reshape(-1), cfg.head_dim, cfg.rope_theta, dt)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ------------------------------------------------------------------------------------------ double fidelity
+def test_double_enforces_the_trtllm_contracts():
+    from tensorrt_llm._torch.attention_backend.interface import PositionalEmbeddingParams, RopeParams
+    from tensorrt_llm._torch.attention_backend.utils import create_attention
+    from tensorrt_llm._torch.model_config import ModelConfig
+    from tensorrt_llm._torch.pyexecutor.resource_manager import KVCacheManager
+    from tensorrt_llm.bindings.executor import KvCacheConfig
+    from tensorrt_llm.bindings.internal.batch_manager import CacheType
+    from tensorrt_llm.functional import PositionEmbeddingType
+    from tensorrt_llm.mapping import Mapping
+    from transformers import PretrainedConfig
+
+    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import _get_layer_types
+
+    gemma = PretrainedConfig(architectures=["Gemma3ForCausalLM"], num_hidden_layers=4)
+    other = PretrainedConfig(architectures=["LlamaForCausalLM"], num_hidden_layers=4)
+    assert len(_get_layer_types(ModelConfig(pretrained_config=gemma))) == 4
+    assert _get_layer_types(ModelConfig(pretrained_config=other)) is None  # TRT-LLM's hack, untouched
+    from tensorrt_llm.bindings import DataType
+    kw = dict(num_layers=4, num_kv_heads=2, head_dim=8, tokens_per_block=4, max_seq_len=32, max_batch_size=1,
+              mapping=Mapping(), dtype=DataType.FLOAT)
+    with pytest.raises(AssertionError, match="layer_types have to be set correctly for VSWA"):
+        KVCacheManager(KvCacheConfig(max_attention_window=[32, 4]), CacheType.SELF,
+                       model_config=ModelConfig(pretrained_config=other).get_bindings_model_config(4), **kw)
+    mgr = KVCacheManager(KvCacheConfig(max_attention_window=[32, 4]), CacheType.SELF,
+                         model_config=ModelConfig(pretrained_config=gemma).get_bindings_model_config(4), **kw)
+    rope = PositionalEmbeddingParams(type=PositionEmbeddingType.rope_gpt_neox, rope=RopeParams(dim=8, theta=1e4))
+    md_cls = create_attention("TRTLLM", 1, 4, 8, 2, pos_embd_params=rope).Metadata
+    from tensorrt_llm._torch.metadata import KVCacheParams
+    mgr.add_dummy_requests([0], [3])
+    md = md_cls(max_num_requests=1, max_num_tokens=8, kv_cache_manager=mgr, seq_lens=torch.tensor([3]),
+                num_contexts=1, kv_cache_params=KVCacheParams(use_cache=True, num_cached_tokens_per_seq=[0]),
+                request_ids=[0])
+    md.prepare()
+    qkv = torch.randn(3, (4 + 2 * 2) * 8)
+    local = create_attention("TRTLLM", 1, 4, 8, 2, pos_embd_params=rope)
+    with pytest.raises(ValueError, match="disagrees with the KV cache's max_attention_window"):
+        local.forward(qkv, None, None, md)  # KV layer 1 has window 4; the call must say so
+    with pytest.raises(ValueError, match="Only fused QKV"):
+        local.forward(qkv[:, :32], qkv[:, 32:48], qkv[:, 48:], md, attention_window_size=4)
+    assert local.forward(qkv, None, None, md, attention_window_size=4).shape == (3, 32)
+    mgr.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ user errors
+def test_run_logits_user_errors(tmp_path, monkeypatch):
+    from trtllm_loop.trtllm.torch_backend import runner
+
+    d, ids, _ = golden("s2_mqa_w4_theta1e4_T8")
+    for kw, match in [(dict(dtype="int8"), "--dtype 'int8'"), (dict(chunk=0), "must be positive"),
+                      (dict(seqs=[[]]), "at least one token"), (dict(seqs=[[5, 128]]), "token id 128 is outside"),
+                      (dict(tp_size=2), "--tp 2 must divide")]:
+        seqs = kw.pop("seqs", [ids])
+        with pytest.raises(UserError, match=match):
+            run_logits(d, seqs, **kw)
+    with pytest.raises(UserError, match="config.json"):
+        run_logits(tmp_path, [[1]])
+    monkeypatch.setattr(runner, "ensure_tensorrt_llm", lambda: (tllm, False))
+    d4, _, _ = golden("s1_gqa4x2_w8_T29")
+    with pytest.raises(UserError, match="serve.sh --tp N"):
+        run_logits(d4, [ids], tp_size=2)
+
+
+def test_config_view_round_trip_and_errors():
+    from trtllm_loop.config import LoopConfig
+    from trtllm_loop.trtllm.torch_backend.config_view import (IQuestLoopTrtllmConfig, loop_config_from_view,
+                                                              to_view_dict)
+
+    d, _, _ = golden("s3_gatebias2_g5_w8_T24")
+    cfg = LoopConfig.from_file(d)
+    view = to_view_dict(cfg, 4096)
+    assert view["num_hidden_layers"] == 4 and view["num_unique_layers"] == 2
+    assert view["kv_layer_windows"] == [4096, 8]
+    assert loop_config_from_view(IQuestLoopTrtllmConfig(**view)) == cfg == loop_config_from_view(view)
+    with pytest.raises(ValueError, match="not a trtllm-loop deploy view"):
+        loop_config_from_view(cfg.to_dict())
+    with pytest.raises(ValueError, match="must be 2 \\* num_unique_layers"):
+        loop_config_from_view(dict(view, num_hidden_layers=3))
+
+
+def test_bfloat16_matches_the_paged_runtime_and_the_golden_argmax():
+    """BF16 (the production dtype of the gate and mix): same numbers as the paged emulator's BF16 run, and
+    the golden FP32 logits within the BF16 tolerance the golden README gives (~5e-2 relative to logits ~2)."""
+    d, ids, expected = golden("s3_gatebias2_g5_w8_T24")
+    seqs = [ids, ids[:9]]
+    tb = compute(str(d), seqs, "torch-backend", dtype="bfloat16", chunk=5, tokens_per_block=4)
+    pg = compute(str(d), seqs, "paged", dtype="bfloat16", chunk=5, tokens_per_block=4)
+    for a, b in zip(tb, pg):
+        assert maxdiff(a, b) < 1e-6
+    assert maxdiff(tb[0], expected) < 0.2
+    assert (tb[0].argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_pipeline_parallel_refused():
+    from types import SimpleNamespace
+
+    from tensorrt_llm._torch.model_config import ModelConfig
+
+    from trtllm_loop.config import LoopConfig
+    from trtllm_loop.trtllm.torch_backend.config_view import IQuestLoopTrtllmConfig, to_view_dict
+    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import IQuestLoopCoderForCausalLM
+
+    d, _, _ = golden("s2_mqa_w4_theta1e4_T8")
+    pretrained = IQuestLoopTrtllmConfig(**to_view_dict(LoopConfig.from_file(d), 64))
+    pp2 = SimpleNamespace(pp_size=2, tp_size=1, tp_rank=0, rank=0, enable_attention_dp=False)
+    with pytest.raises(ValueError, match="tensor parallelism only"):
+        IQuestLoopCoderForCausalLM(ModelConfig(pretrained_config=pretrained, mapping=pp2))

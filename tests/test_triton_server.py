@@ -1,0 +1,358 @@
+"""The rendered `reference` repository on a real Triton server (the tritonserver bundled with nvidia-pytriton,
+or $TRITONSERVER / the system one), started once for this module on 127.0.0.1 with free ports.
+
+Ground truth comes from calling the `tensorrt_llm` model directly (token ids in/out) and decoding locally
+with the same tokenizer; every request count here is bounded.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("sentencepiece")
+transformers = pytest.importorskip("transformers")
+
+from trtllm_loop.serving import textproc as lt  # noqa: E402
+from trtllm_loop.serving.client import (TritonRequestError, grpc_generate, grpc_stream, http_generate,  # noqa: E402
+                                        request_fields)
+
+MAX_SEQ_LEN, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 512, 96, 400
+PROMPTS = ["Hello world, 你好 😀 and  two spaces", "def add(a, b):\n    return a + b", "Café naïve façade ✓ → ∞",
+           "The quick brown fox"]
+
+
+def _have_server() -> bool:
+    try:
+        from trtllm_loop.serving.server import locate
+
+        locate()
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _have_server(), reason="no tritonserver: install the serving extra "
+                                                           "(nvidia-pytriton) or set TRITONSERVER")
+
+
+class Env:
+    pass
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from trtllm_loop.serving.render import render_repository
+    from trtllm_loop.serving.server import TritonServer
+    from trtllm_loop.synth import synthesize
+
+    d = tmp_path_factory.mktemp("triton")
+    ckpt = synthesize(d / "tiny", "tiny", dtype="float32")
+    repo = render_repository("reference", ckpt, d / "repo", max_seq_len=MAX_SEQ_LEN, max_input_len=MAX_INPUT_LEN,
+                             max_output_len=MAX_OUTPUT_LEN, max_batch_size=8)
+    e = Env()
+    e.log = d / "server.log"
+    e.server = TritonServer(repo, log_path=e.log).start(timeout=300)
+    e.http, e.grpc = e.server.http_url, e.server.grpc_url
+    e.tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    e.pre = lt.Preprocessor(e.tok, lt.model_eos_from_dir(str(ckpt)))
+    yield e
+    rc = e.server.stop()
+    assert rc == 0, f"tritonserver exit code {rc}:\n{e.server.log_tail()}"
+
+
+# ----------------------------------------------------------------------------- helpers
+def raw_stream(env, model, arrays: dict, request_id="", timeout=60, cancel_after=None):
+    """Raw gRPC stream: list of ({output: ndarray}, final flag); optionally cancel after N responses."""
+    import tritonclient.grpc as grpcclient
+
+    q: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(env.grpc)
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    inputs = []
+    for name, arr in arrays.items():
+        dt = {np.int32: "INT32", np.bool_: "BOOL", np.uint64: "UINT64", np.float32: "FP32",
+              np.object_: "BYTES"}[arr.dtype.type]
+        t = grpcclient.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    c.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+    out = []
+    try:
+        while True:
+            result, error = q.get(timeout=timeout)
+            if error is not None:
+                raise TritonRequestError(str(error))
+            resp = result.get_response()
+            final = resp.parameters["triton_final_response"].bool_param
+            out.append(({o.name: result.as_numpy(o.name) for o in resp.outputs}, final))
+            if final or (cancel_after is not None and len(out) >= cancel_after):
+                break
+    finally:
+        c.stop_stream(cancel_requests=cancel_after is not None)
+        c.close()
+    return out
+
+
+def llm_ids(env, prompt_ids, max_tokens, *, end_id=None, stops=None, streaming=False, exclude=True,
+            request_id="", cancel_after=None):
+    """Call `tensorrt_llm` directly, with the stop words the preprocessing would add."""
+    end = env.pre.end_id if end_id is None else end_id
+    stop_seqs = (stops or []) + [[e] for e in env.pre.eos if e != end] if end_id is None else (stops or [])
+    arrays = {"input_ids": np.array([prompt_ids], np.int32), "input_lengths": np.array([[len(prompt_ids)]], np.int32),
+              "request_output_len": np.array([[max_tokens]], np.int32), "end_id": np.array([[end]], np.int32),
+              "streaming": np.array([[streaming]], np.bool_), "exclude_input_in_output": np.array([[exclude]], np.bool_)}
+    if stop_seqs:
+        arrays["stop_words_list"] = lt.to_word_list(stop_seqs)[None]
+    resps = raw_stream(env, "tensorrt_llm", arrays, request_id=request_id, cancel_after=cancel_after)
+    ids = [o["output_ids"].reshape(-1)[:int(o["sequence_length"].reshape(-1)[0])].tolist()
+           for o, _ in resps if "output_ids" in o]
+    return ids if streaming else (ids[0] if ids else [])
+
+
+def expected(env, prompt, max_tokens, exclude=True):
+    pids = env.tok.encode(prompt)
+    ids = llm_ids(env, pids, max_tokens, exclude=exclude)
+    return ids, env.tok.decode(ids, skip_special_tokens=True)
+
+
+def log_lines(env, pattern):
+    return [m for m in re.finditer(pattern, env.log.read_text(errors="replace"))]
+
+
+def healthy_after(env):
+    assert env.server.live() and env.server.ready()
+    assert grpc_generate(env.grpc, "tensorrt_llm_bls", request_fields("ok", 2), stream=False) is not None
+
+
+# ----------------------------------------------------------------------------- tests
+def test_models_ready(env):
+    with urllib.request.urlopen(f"http://{env.http}/v2") as r:
+        meta = json.loads(r.read())
+    assert meta["name"] == "triton"
+    for m in ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls"):
+        with urllib.request.urlopen(f"http://{env.http}/v2/models/{m}/ready") as r:
+            assert r.status == 200
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_non_streamed_text_matches_local_decode(env, model):
+    for prompt in PROMPTS[:2]:
+        ids, text = expected(env, prompt, 24)
+        assert ids, "the model generated nothing"
+        f = request_fields(prompt, 24)
+        assert http_generate(env.http, model, f) == text
+        assert grpc_generate(env.grpc, model, f, stream=False) == text
+        # prompt echoed (exclude_input_in_output false): the multi-byte prompt round-trips exactly
+        full = http_generate(env.http, model, request_fields(prompt, 24, exclude_input_in_output=False))
+        assert full == prompt + text
+        assert full == env.tok.decode(env.tok.encode(prompt) + ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bls_streamed_equals_non_streamed(env, protocol):
+    stream = grpc_stream if protocol == "grpc" else None
+    for prompt in PROMPTS:
+        f = request_fields(prompt, 40)
+        whole = http_generate(env.http, "tensorrt_llm_bls", f)
+        if stream:
+            pieces = list(stream(env.grpc, "tensorrt_llm_bls", f))
+        else:
+            from trtllm_loop.serving.client import http_stream
+
+            pieces = list(http_stream(env.http, "tensorrt_llm_bls", f))
+        assert len(pieces) > 1, "not streamed"
+        assert "".join(pieces) == whole
+        # with the prompt echoed, the stream starts with the prompt text, multi-byte characters intact
+        f2 = request_fields(prompt, 40, exclude_input_in_output=False)
+        pieces2 = list(grpc_stream(env.grpc, "tensorrt_llm_bls", f2))
+        assert "".join(pieces2) == prompt + whole
+        first = pieces2[0]  # the prompt text (a trailing byte-fallback character may wait for the next piece)
+        assert prompt.startswith(first) or first.startswith(prompt)
+
+
+def test_stream_of_known_text_never_splits_characters(env):
+    """Streamed text of a known multi-byte token sequence (the echoed prompt) arrives in whole characters."""
+    prompt = "😀✓你好 naïve  x"
+    pieces = list(grpc_stream(env.grpc, "tensorrt_llm_bls", request_fields(prompt, 1, exclude_input_in_output=False)))
+    joined = "".join(pieces)
+    assert joined.startswith(prompt)
+    assert "\ufffd" not in pieces[0]
+
+
+def test_ensemble_streams_per_token(env):
+    prompt = PROMPTS[0]
+    ids, text = expected(env, prompt, 20)
+    pieces = list(grpc_stream(env.grpc, "ensemble", request_fields(prompt, 20)))
+    per_token = lt.PieceText(env.tok)
+    assert pieces == [s for s in (per_token([t]) for t in ids) if s]
+    # spaces survive per-token decoding (SentencePiece puts them in the next token)
+    spaced = env.tok.encode("The quick brown fox")
+    assert "".join(per_token([t]) for t in spaced) == "The quick brown fox"
+    # streaming over HTTP SSE gives the same responses
+    from trtllm_loop.serving.client import http_stream
+
+    assert list(http_stream(env.http, "ensemble", request_fields(prompt, 20))) == pieces
+
+
+def _pick_stop_word(env, ids):
+    """Two generated tokens whose text tokenizes back to exactly them and occurs first at their place."""
+    tok = env.tok
+    for k in range(2, len(ids) - 2):
+        w = tok.decode(ids[k:k + 2])
+        prefix = tok.decode(ids[:k], skip_special_tokens=True)
+        full = tok.decode(ids, skip_special_tokens=True)
+        if (w.strip() and "\ufffd" not in w and tok.encode(w) == ids[k:k + 2] and full.find(w) == len(prefix)
+                and not any(t in tok.all_special_ids for t in ids[:k + 2])):
+            return k, w
+    return None, None
+
+
+def test_stop_words(env):
+    for prompt in PROMPTS:
+        ids, text = expected(env, prompt, 40)
+        k, word = _pick_stop_word(env, ids)
+        if word is not None:
+            break
+    assert word is not None, "no usable stop word in the generated text"
+    f = request_fields(prompt, 40, stop_words=[word])
+    # BLS: text-level, the output ends just before the stop word (streamed and not)
+    want = env.tok.decode(ids[:k], skip_special_tokens=True)
+    assert http_generate(env.http, "tensorrt_llm_bls", f) == want
+    assert "".join(grpc_stream(env.grpc, "tensorrt_llm_bls", f)) == want
+    # ensemble: token-level (TRT-LLM semantics), generation stops after the stop word's tokens
+    assert http_generate(env.http, "ensemble", f) == env.tok.decode(ids[:k + 2], skip_special_tokens=True)
+
+
+def test_chat_template_applied_server_side(env):
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "写一个 hello world"}]
+    rendered = env.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    want = http_generate(env.http, "tensorrt_llm_bls", request_fields(rendered, 16))
+    for model in ("tensorrt_llm_bls", "ensemble"):
+        assert http_generate(env.http, model, request_fields(messages=msgs, max_tokens=16)) == want
+    one = request_fields("写一个 hello world", 16, chat=True, system_prompt="You are terse.")
+    assert grpc_generate(env.grpc, "tensorrt_llm_bls", one) == want
+
+
+def test_concurrent_requests_batch_and_match_single_runs(env):
+    prompts = [f"{p} #{i}" for i, p in enumerate(PROMPTS * 2)]  # 8 prompts of different lengths
+    single = [http_generate(env.http, "ensemble", request_fields(p, 24)) for p in prompts]
+
+    def run(i):
+        f = request_fields(prompts[i], 24)
+        if i % 2:
+            return "".join(grpc_stream(env.grpc, "tensorrt_llm_bls", f, request_id=f"conc-{i}"))
+        return "".join(grpc_stream(env.grpc, "ensemble", f, stream=False, request_id=f"conc-{i}"))
+
+    with ThreadPoolExecutor(8) as ex:
+        together = list(ex.map(run, range(8)))
+    assert together == single
+    peaks = [int(m.group(1)) for m in log_lines(env, r"request '(?:bls-)?conc-\d+[^']*' finished \(\w+\) after \d+ "
+                                                     r"tokens; peak in-flight batch (\d+)")]
+    assert len(peaks) == 8
+    assert max(peaks) >= 2, f"requests were not batched by the in-flight scheduler: {peaks}"
+
+
+def _long_prompt(env):
+    """A prompt whose greedy continuation does not stop for a long time (random weights: checked, not assumed)."""
+    for p in PROMPTS + ["x", "1 2 3"]:
+        if len(llm_ids(env, env.tok.encode(p), 200)) == 200:
+            return p
+    pytest.fail("every probe prompt hit an eos token within 200 tokens")
+
+
+def test_cancel_mid_stream(env):
+    # tensorrt_llm directly: the client cancels its gRPC stream after 3 responses
+    got = llm_ids(env, env.tok.encode("count"), MAX_OUTPUT_LEN, end_id=-1, streaming=True,
+                  request_id="cancel-direct", cancel_after=3)
+    assert len(got) == 3
+    # BLS: cancel after a few streamed pieces; the BLS stops its tensorrt_llm request
+    prompt = _long_prompt(env)
+    got = raw_stream(env, "tensorrt_llm_bls", {
+        "text_input": np.array([[prompt.encode()]], dtype=object),
+        "max_tokens": np.array([[MAX_OUTPUT_LEN]], np.int32), "stream": np.array([[True]], np.bool_)},
+        request_id="cancel-bls", cancel_after=3)
+    assert len(got) == 3
+    deadline = time.monotonic() + 30
+    pat = r"request '{}[^']*' finished \((\w+)\) after (\d+) tokens"
+    while time.monotonic() < deadline:
+        d = log_lines(env, pat.format("cancel-direct"))
+        b = log_lines(env, pat.format("bls-cancel-bls"))
+        if d and b:
+            break
+        time.sleep(0.2)
+    assert d and d[0].group(1) == "cancelled" and int(d[0].group(2)) < MAX_OUTPUT_LEN
+    assert b and b[0].group(1) == "cancelled" and int(b[0].group(2)) < MAX_OUTPUT_LEN
+    healthy_after(env)
+
+
+BAD_HTTP = [
+    ("ensemble", {"text_input": "hi"}, "max_tokens"),                         # missing required field
+    ("tensorrt_llm_bls", {"text_input": "hi"}, "max_tokens"),
+    # wrong type: rejected by Triton's own JSON parser before any model runs (its message, not ours)
+    ("ensemble", {"text_input": "hi", "max_tokens": "ten"}, "Unable to parse 'data'"),
+    ("tensorrt_llm_bls", {"text_input": "hi", "max_tokens": 1.5}, "Unable to parse 'data'"),
+    ("tensorrt_llm_bls", {"text_input": 7, "max_tokens": 4}, "Unable to parse JSON bytes array"),
+    ("ensemble", {"text_input": "", "max_tokens": 4}, "text_input is empty"),
+    ("tensorrt_llm_bls", {"text_input": "", "max_tokens": 4}, "text_input is empty"),
+    ("ensemble", {"text_input": "word " * 200, "max_tokens": 4}, "max_input_len"),
+    ("tensorrt_llm_bls", {"text_input": "word " * 200, "max_tokens": 4}, "max_input_len"),
+    ("ensemble", {"text_input": "hi", "max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+    ("tensorrt_llm_bls", {"text_input": "hi", "max_tokens": -3}, "max_tokens must be >= 1, got -3"),
+    ("tensorrt_llm_bls", {"text_input": "hi", "max_tokens": MAX_OUTPUT_LEN + 1}, "max_output_len"),
+    ("tensorrt_llm_bls", {"text_input": "hi", "max_tokens": 4, "chat_messages": "[{"}, "chat_messages is not valid JSON"),
+    ("ensemble", {"text_input": "hi", "max_tokens": 4, "beam_width": 2}, "beam_width=2 is not supported"),
+    ("tensorrt_llm_bls", {"text_input": "hi", "max_tokens": 4, "top_p": 1.5}, "top_p must be in (0, 1]"),
+    ("no_such_model", {"text_input": "hi", "max_tokens": 4}, "unknown model"),
+]
+
+
+@pytest.mark.parametrize("model,body,msg", BAD_HTTP, ids=[f"{m}-{msg[:20]}" for m, _, msg in BAD_HTTP])
+def test_bad_request_http(env, model, body, msg):
+    for stream in (False, True):
+        with pytest.raises(TritonRequestError) as ei:
+            http_generate(env.http, model, dict(body), stream=stream, validate=False)
+        assert msg in str(ei.value)
+    healthy_after(env)
+
+
+def test_bad_request_grpc(env):
+    def send(model, arrays):
+        return raw_stream(env, model, arrays)
+
+    base = {"max_tokens": np.array([[4]], np.int32)}
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        with pytest.raises(TritonRequestError, match="text_input is not valid UTF-8"):
+            send(model, {"text_input": np.array([[b"ok \xff\xfe broken"]], dtype=object), **base})
+        with pytest.raises(TritonRequestError, match="max_tokens"):
+            send(model, {"text_input": np.array([[b"hi"]], dtype=object)})
+        with pytest.raises(TritonRequestError, match="max_tokens must be >= 1, got 0"):
+            send(model, {"text_input": np.array([[b"hi"]], dtype=object), "max_tokens": np.array([[0]], np.int32)})
+        with pytest.raises(TritonRequestError, match="INT32"):  # wrong dtype for max_tokens
+            send(model, {"text_input": np.array([[b"hi"]], dtype=object), "max_tokens": np.array([[4.0]], np.float32)})
+    # tensorrt_llm directly: prompt longer than max_seq_len, token ids outside the vocabulary
+    with pytest.raises(TritonRequestError, match="max_seq_len"):
+        llm_ids(env, [5] * (MAX_SEQ_LEN + 10), 4)
+    with pytest.raises(TritonRequestError, match="outside the vocabulary"):
+        llm_ids(env, [5, 100000], 4)
+    with pytest.raises(TritonRequestError, match="unknown model"):
+        send("nope", {"text_input": np.array([[b"hi"]], dtype=object), **base})
+    healthy_after(env)
+
+
+def test_cli_client_streams_chat(env, capsys):
+    from trtllm_loop.cli import main
+
+    want = grpc_generate(env.grpc, "tensorrt_llm_bls", request_fields("hi 你好", 12, chat=True), stream=False)
+    assert main(["client", "--url", env.grpc, "--chat", "hi 你好", "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["client", "--url", env.http, "--protocol", "http", "--prompt", "hi", "--max-tokens", "0"]) == 2
+    assert "max_tokens must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""Triton `tensorrt_llm_bls`: the client contract of `ensemble`, with exact streaming.
+
+Per request (each on a worker thread, so requests run concurrently and batch in `tensorrt_llm`):
+tokenize + chat template in process (same code as `preprocessing`) -> `tensorrt_llm` via BLS, always streamed
+internally -> incremental detokenization (whole UTF-8 characters, SentencePiece spaces kept) -> text-level
+stop strings (the output ends just before the first match) -> streamed deltas or one final text. A client
+cancel or a stop-string hit cancels the `tensorrt_llm` request (TRT-LLM's `stop` request, same request id).
+The concatenation of the streamed deltas equals the non-streamed text.
+"""
+import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    import loop_text as lt
+except ImportError:  # pragma: no cover
+    from trtllm_loop.serving import textproc as lt
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+# client input -> (tensorrt_llm input, numpy dtype); forwarded when present
+_PASS = {"top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
+         "temperature": ("temperature", np.float32), "length_penalty": ("len_penalty", np.float32),
+         "repetition_penalty": ("repetition_penalty", np.float32), "min_tokens": ("min_tokens", np.int32),
+         "presence_penalty": ("presence_penalty", np.float32),
+         "frequency_penalty": ("frequency_penalty", np.float32), "seed": ("seed", np.uint64),
+         "beam_width": ("beam_width", np.int32), "num_return_sequences": ("num_return_sequences", np.int32),
+         "return_log_probs": ("return_log_probs", np.bool_)}
+
+
+def _opt(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def _first(arr):
+    if arr is None:
+        return None
+    a = np.asarray(arr).reshape(-1)
+    return None if a.size == 0 else a[0]
+
+
+def _text(s: str):
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([[s.encode("utf-8")]], dtype=object))])
+
+
+def _error(msg: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = lt.parameters(json.loads(args["model_config"]))
+        tok_dir = params.get("tokenizer_dir", "")
+        self.tok = lt.load_tokenizer(tok_dir)
+        self.pre = lt.Preprocessor(self.tok, lt.model_eos_from_dir(tok_dir),
+                                   max_input_len=int(params.get("max_input_len") or 0),
+                                   max_output_len=int(params.get("max_output_len") or 0))
+        self.skip_special = (params.get("skip_special_tokens") or "true").lower() == "true"
+        self.llm = params.get("tensorrt_llm_model_name") or "tensorrt_llm"
+        self.default_exclude = (params.get("exclude_input_in_output") or "false").lower() == "true"
+        self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency") or 64),
+                                       thread_name_prefix="bls")
+        self.lock = threading.Lock()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self._prepare(request)
+            except lt.RequestError as e:
+                sender.send(_error(str(e)), flags=FINAL)
+                continue
+            except Exception as e:
+                sender.send(_error(f"tensorrt_llm_bls: bad request: {type(e).__name__}: {e}"), flags=FINAL)
+                continue
+            job["request_id"] = f"bls-{request.request_id() or ''}-{uuid.uuid4().hex[:12]}"
+            self.pool.submit(self._run_safe, job, sender)
+        return None
+
+    # ------------------------------------------------------------------ request -> job
+    def _prepare(self, request):
+        query = _opt(request, "text_input")
+        if query is None:
+            raise lt.RequestError("text_input is missing: send the prompt as a string")
+        if np.asarray(query).reshape(-1).size != 1:
+            raise lt.RequestError("send exactly one text_input per request (batch 1); use concurrent requests")
+        text = lt.decode_utf8(_first(query), "text_input")
+        max_tokens = _first(_opt(request, "max_tokens"))
+        if max_tokens is None:
+            raise lt.RequestError("max_tokens is missing: send the maximum number of tokens to generate")
+        chat = _opt(request, "chat_messages")
+        system = _opt(request, "system_prompt")
+        apply = _first(_opt(request, "apply_chat_template"))
+        stop_words = lt.string_list(_opt(request, "stop_words"), "stop_words")
+        prep = self.pre.prepare(
+            text, int(max_tokens), apply_chat_template=bool(apply) if apply is not None else False,
+            chat_messages=lt.decode_utf8(_first(chat), "chat_messages") if chat is not None else None,
+            system_prompt=lt.decode_utf8(_first(system), "system_prompt") if system is not None else None,
+            stop_words=stop_words, bad_words=lt.string_list(_opt(request, "bad_words"), "bad_words"),
+            end_id=_first(_opt(request, "end_id")), pad_id=_first(_opt(request, "pad_id")))
+        stream = _first(_opt(request, "stream"))
+        exclude = _first(_opt(request, "exclude_input_in_output"))
+        prep["stream"] = bool(stream) if stream is not None else False
+        prep["exclude"] = bool(exclude) if exclude is not None else self.default_exclude
+        prep["passthrough"] = {dst: np.array([[_first(_opt(request, src))]], dtype=dt)
+                               for src, (dst, dt) in _PASS.items() if _opt(request, src) is not None}
+        return prep
+
+    def _llm_request(self, job, request_id):
+        ids = np.array([job["input_ids"]], dtype=np.int32)
+        tensors = [
+            pb_utils.Tensor("input_ids", ids),
+            pb_utils.Tensor("input_lengths", np.array([[ids.shape[1]]], dtype=np.int32)),
+            pb_utils.Tensor("request_output_len", np.array([[job["max_tokens"]]], dtype=np.int32)),
+            pb_utils.Tensor("end_id", np.array([[job["end_id"]]], dtype=np.int32)),
+            pb_utils.Tensor("pad_id", np.array([[job["pad_id"]]], dtype=np.int32)),
+            pb_utils.Tensor("stop_words_list", job["stop_words_list"][None]),
+            pb_utils.Tensor("streaming", np.array([[True]], dtype=np.bool_)),
+            pb_utils.Tensor("exclude_input_in_output", np.array([[True]], dtype=np.bool_)),
+        ]
+        if job["bad_words_list"][1, 0] >= 0:
+            tensors.append(pb_utils.Tensor("bad_words_list", job["bad_words_list"][None]))
+        tensors += [pb_utils.Tensor(name, arr) for name, arr in job["passthrough"].items()]
+        return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=request_id,
+                                         requested_output_names=["output_ids", "sequence_length"])
+
+    def _cancel_llm(self, request_id):
+        stop = pb_utils.InferenceRequest(
+            model_name=self.llm, request_id=request_id, requested_output_names=["output_ids"],
+            inputs=[pb_utils.Tensor("input_ids", np.array([[0]], dtype=np.int32)),
+                    pb_utils.Tensor("input_lengths", np.array([[1]], dtype=np.int32)),
+                    pb_utils.Tensor("request_output_len", np.array([[1]], dtype=np.int32)),
+                    pb_utils.Tensor("stop", np.array([[True]], dtype=np.bool_)),
+                    pb_utils.Tensor("streaming", np.array([[True]], dtype=np.bool_))])
+        for _ in stop.exec(decoupled=True):
+            pass
+
+    # ------------------------------------------------------------------ generation (worker thread)
+    def _run_safe(self, job, sender):
+        try:
+            self._run(job, sender)
+        except Exception as e:
+            try:
+                sender.send(_error(f"tensorrt_llm_bls: {type(e).__name__}: {e}"), flags=FINAL)
+            except Exception:
+                pass
+
+    def _run(self, job, sender):
+        request_id = job["request_id"]
+        detok = lt.IncrementalDetokenizer(self.tok, skip_special_tokens=self.skip_special)
+        matcher = lt.StopStringMatcher(job["stop_words"])
+        pieces: list[str] = []
+
+        def emit(s: str):
+            if not s:
+                return
+            if job["stream"]:
+                sender.send(_text(s))
+            else:
+                pieces.append(s)
+
+        if not job["exclude"]:
+            emit(detok.push(job["input_ids"]))
+        cancelled = False
+        responses = self._llm_request(job, request_id).exec(decoupled=True)
+        for resp in responses:
+            if resp.has_error():
+                sender.send(_error(resp.error().message()), flags=FINAL)
+                return
+            out = pb_utils.get_output_tensor_by_name(resp, "output_ids")
+            if out is not None:
+                ids = out.as_numpy().reshape(-1).tolist()
+                n = pb_utils.get_output_tensor_by_name(resp, "sequence_length")
+                if n is not None:
+                    ids = ids[:int(np.asarray(n.as_numpy()).reshape(-1)[0])]
+                emit(matcher.feed(detok.push(ids)))
+            if matcher.stopped or sender.is_cancelled():
+                cancelled = True
+                self._cancel_llm(request_id)
+                for _ in responses:  # drain the cancelled stream
+                    pass
+                break
+        if not cancelled or matcher.stopped:
+            emit(matcher.feed(detok.flush()) + matcher.flush())
+        if sender.is_cancelled():
+            sender.send(flags=FINAL)
+            return
+        if job["stream"]:
+            sender.send(flags=FINAL)
+        else:
+            sender.send(_text("".join(pieces)), flags=FINAL)
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
