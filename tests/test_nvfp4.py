@@ -173,3 +173,11 @@ def test_rescale_to_global_reports_inexact_blocks():
     assert float(((d_new - w).view(16, 4, 16).abs() / blk_amax).max()) <= 0.25
     exact = ~torch.isclose(d_old, d_new, rtol=0, atol=0).view(16, 4, 16).any(-1)
     assert int((~exact).sum()) <= n  # untouched blocks dequantize identically
+
+
+def test_dequantized_amax_without_dequantizing():
+    torch.manual_seed(7)
+    for shape in [(64, 128), (3, 16)]:
+        w = torch.randn(shape) * 0.03
+        p, s, g = nvfp4.quantize(w)
+        assert nvfp4.dequantized_amax(p, s, g) == float(nvfp4.dequantize(p, s, g).abs().max())

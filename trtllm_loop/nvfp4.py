@@ -142,6 +142,15 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, g: torch.Tensor | floa
     return out
 
 
+def dequantized_amax(packed: torch.Tensor, scale: torch.Tensor, g: torch.Tensor | float) -> float:
+    """``max |dequantize(packed, scale, g)|`` without dequantizing: E2M1 values grow with the 3-bit magnitude
+    code, so each block's largest |element| is ``E2M1[max magnitude code] * (scale * g)``."""
+    n, kb = scale.shape
+    mag = torch.maximum(packed & 7, (packed >> 4) & 7).view(n, kb, BLOCK // 2).amax(-1)
+    g = torch.as_tensor(g, dtype=torch.float32).reshape(())
+    return float((E2M1_VALUES[mag.long()] * (scale.float() * g)).amax()) if mag.numel() else 0.0
+
+
 def row_chunk(k: int, elements: int = 1 << 22) -> int:
     """Rows per chunk so that one chunk holds about ``elements`` values."""
     return max(1, elements // max(k, 1))

@@ -106,7 +106,11 @@ def dense_weight(mod: Module, dtype: torch.dtype = torch.float32, fold_pre_quant
 
 
 def weight_amax(mod: Module) -> float:
-    """max |W| of the dense weight, chunk by chunk."""
+    """max |W| of the dense weight: from codes and block scales for NVFP4, else chunk by chunk."""
+    kind, t = mod.kind, mod.tensors
+    if kind in (NVFP4_MODELOPT, NVFP4_CT) and "pre_quant_scale" not in t:
+        return nvfp4.dequantized_amax(read_tensor(t["weight_packed" if kind == NVFP4_CT else "weight"]),
+                                      read_tensor(t["weight_scale"]), global_multiplier(mod))
     return max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(c) for _, c in dense_chunks(mod)))
 
 
