@@ -21,8 +21,11 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/trtllm-loop demo
 
+# coverage: every line of the TRT-LLM adapter must run in CI (against the API double)
+COV := --cov=trtllm_loop/trtllm/torch_backend --cov-report=term-missing --cov-fail-under=100
+
 test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(COV) $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python bench/bench_runtime.py
