@@ -97,7 +97,10 @@ def table(rows: list[dict], meta: dict) -> str:
     body = "".join(f"| {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                    f"{r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['tpot_p50_ms']:.1f} | "
                    f"{r['tpot_p90_ms']:.1f} | {r['mean_tokens']:.1f} |\n" for r in rows)
-    return f"# Triton gRPC streaming benchmark\n\n{json.dumps(meta)}\n\n" + head + body
+    note = ("Per-token figures are per streamed response: `ensemble` streams one response per generated token; "
+            "`tensorrt_llm_bls` one per stable text piece (a run of byte-fallback tokens arrives as one piece), so "
+            "its 'tokens' are pieces. Client-side wall clock over loopback; the machine may be shared.\n\n")
+    return f"# Triton gRPC streaming benchmark\n\n{json.dumps(meta)}\n\n" + note + head + body
 
 
 def plot(rows: list[dict], path: Path, title: str) -> bool:

@@ -200,3 +200,13 @@ def test_describe_reports_findings(tmp_path):
     assert [f["tensor"] for f in desc["findings"]] == [f"{Q}.weight_scale_2"]
     text = "\n".join(describe_lines(desc))
     assert "validation: 1 error(s), 0 warning(s)" in text and "1 NaN" in text and "format modelopt NVFP4" in text
+
+
+def test_tensor_missing_from_the_index(tmp_path):
+    d = broken(tmp_path)
+    _shard(d, ["model.norm.weight"])
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    del idx["weight_map"][f"{K}.weight_scale"]
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    one_error(d, "model.safetensors.index.json", f"{K}.weight_scale", "stored in model-00001-of-00002",
+              "missing from the index", "regenerate", tensor=f"{K}.weight_scale")

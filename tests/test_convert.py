@@ -178,3 +178,13 @@ def test_cli_eval_quant_table_and_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "KL mean" in text and "top-1" in text
     assert 0 < s["kl_mean"] < 1 and 0 < s["max_abs_dlogit"] < 10
+
+
+def test_fix_fused_scales_refuses_other_errors(tmp_path):
+    d, p = _unfused(tmp_path, "modelopt_nvfp4", 0.5)
+    sd = load_file(d / "model.safetensors")
+    sd["model.layers.1.mlp.down_proj.weight_scale_2"] = torch.tensor(0.0)
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(UserError, match=r"fix these first:\n.*down_proj.weight_scale_2.*1 zero"):
+        fix_fused_scales(d, tmp_path / "fixed")
+    assert not (tmp_path / "fixed").exists()

@@ -117,3 +117,28 @@ def test_client_checks_field_types():
                      ({"max_token": 1}, "unknown request field 'max_token'")]:
         with pytest.raises(ValueError, match=msg):
             check_fields(bad)
+
+
+def test_server_locate_and_errors(tmp_path, monkeypatch):
+    from trtllm_loop.errors import UserError
+    from trtllm_loop.serving.server import TritonServer, locate
+
+    with pytest.raises(UserError, match="not a Triton model repository"):
+        TritonServer(tmp_path)
+    fake = tmp_path / "opt/tritonserver/bin/tritonserver"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    (tmp_path / "opt/tritonserver/backends").mkdir()
+    monkeypatch.setenv("TRITONSERVER", str(fake))
+    loc = locate()
+    assert loc["kind"] == "system" and loc["binary"] == fake.resolve()
+    repo = tmp_path / "repo"
+    (repo / "m").mkdir(parents=True)
+    (repo / "m/config.pbtxt").write_text('name: "m"\n')
+    s = TritonServer(repo, log_path=tmp_path / "log")
+    cmd = s.command(loc)
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(cmd)
+    assert f"--backend-directory={tmp_path / 'opt/tritonserver/backends'}" in cmd
+    with pytest.raises(UserError, match="exited with code 3"):
+        s.start(timeout=20)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from trtllm_loop.serving import textproc as lt  # noqa: E402
 from trtllm_loop.serving.client import (TritonRequestError, grpc_generate, grpc_stream, http_generate,  # noqa: E402
-                                        request_fields)
+                                        http_stream, request_fields)
 
 MAX_SEQ_LEN, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 512, 96, 400
 PROMPTS = ["Hello world, 你好 😀 and  two spaces", "def add(a, b):\n    return a + b", "Café naïve façade ✓ → ∞",
@@ -159,15 +158,12 @@ def test_non_streamed_text_matches_local_decode(env, model):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bls_streamed_equals_non_streamed(env, protocol):
-    stream = grpc_stream if protocol == "grpc" else None
     for prompt in PROMPTS:
         f = request_fields(prompt, 40)
         whole = http_generate(env.http, "tensorrt_llm_bls", f)
-        if stream:
-            pieces = list(stream(env.grpc, "tensorrt_llm_bls", f))
+        if protocol == "grpc":
+            pieces = list(grpc_stream(env.grpc, "tensorrt_llm_bls", f))
         else:
-            from trtllm_loop.serving.client import http_stream
-
             pieces = list(http_stream(env.http, "tensorrt_llm_bls", f))
         assert len(pieces) > 1, "not streamed"
         assert "".join(pieces) == whole
@@ -198,8 +194,6 @@ def test_ensemble_streams_per_token(env):
     spaced = env.tok.encode("The quick brown fox")
     assert "".join(per_token([t]) for t in spaced) == "The quick brown fox"
     # streaming over HTTP SSE gives the same responses
-    from trtllm_loop.serving.client import http_stream
-
     assert list(http_stream(env.http, "ensemble", request_fields(prompt, 20))) == pieces
 
 
@@ -255,8 +249,11 @@ def test_concurrent_requests_batch_and_match_single_runs(env):
     with ThreadPoolExecutor(8) as ex:
         together = list(ex.map(run, range(8)))
     assert together == single
-    peaks = [int(m.group(1)) for m in log_lines(env, r"request '(?:bls-)?conc-\d+[^']*' finished \(\w+\) after \d+ "
-                                                     r"tokens; peak in-flight batch (\d+)")]
+    pat = r"request '(?:bls-)?conc-\d+[^']*' finished \(\w+\) after \d+ tokens; peak in-flight batch (\d+)"
+    deadline = time.monotonic() + 20  # the model logs after sending the final response: wait for the log
+    while len(log_lines(env, pat)) < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    peaks = [int(m.group(1)) for m in log_lines(env, pat)]
     assert len(peaks) == 8
     assert max(peaks) >= 2, f"requests were not batched by the in-flight scheduler: {peaks}"
 

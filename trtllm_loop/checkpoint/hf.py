@@ -56,6 +56,20 @@ def tensor_index(ckpt: str | Path) -> dict[str, TensorInfo]:
     return out
 
 
+def unindexed_tensors(ckpt: str | Path) -> dict[str, Path]:
+    """Tensors stored in a ``*.safetensors`` file of a sharded checkpoint but absent from its index."""
+    ckpt = Path(ckpt)
+    if not (ckpt / INDEX).is_file():
+        return {}
+    wm = weight_map(ckpt)
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        for name in read_header(f)[0]:
+            if name not in wm:
+                out[name] = f
+    return out
+
+
 def iter_tensors(ckpt: str | Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` shard by shard, one tensor at a time (in file order for locality)."""
     idx = tensor_index(ckpt)

@@ -17,7 +17,7 @@ import torch
 from trtllm_loop import nvfp4
 from trtllm_loop.checkpoint.formats import FP8, FUSED_GROUPS, NVFP4_CT, NVFP4_MODELOPT, Module, detect_format, \
     group_modules
-from trtllm_loop.checkpoint.hf import tensor_index
+from trtllm_loop.checkpoint.hf import INDEX, tensor_index, unindexed_tensors
 from trtllm_loop.checkpoint.safetensors_io import read_tensor
 from trtllm_loop.config import ConfigError, LoopConfig
 from trtllm_loop.errors import UserError
@@ -93,12 +93,16 @@ def check(ckpt: str | Path) -> list[Finding]:
 
 # ------------------------------------------------------------------------------------------------ checks
 def _check_presence(out, ckpt, expected, mods, other) -> None:
+    stray = unindexed_tensors(ckpt)
+    for name, f in stray.items():
+        out.add(ERROR, ckpt / INDEX, name, f"is stored in {f.name} but missing from the index; regenerate "
+                f"{INDEX} (or copy the export's own index again)")
     for name in expected:
         prefix, suffix = name.rsplit(".", 1)
         if suffix == "weight" and prefix in mods and ("weight" in mods[prefix].tensors or
                                                      "weight_packed" in mods[prefix].tensors):
             continue
-        if name in other:
+        if name in other or name in stray:
             continue
         out.add(ERROR, ckpt, name, "is missing from the checkpoint (not in the index nor in any shard); the "
                 "export is incomplete or was made for another config, re-export it from the full model")

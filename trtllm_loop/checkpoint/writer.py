@@ -81,6 +81,7 @@ def write_tensors(out_dir: Path, specs: dict[str, Spec], tensors: Iterable[tuple
                     name, t = next(it)
                     w.write(name, t)
                     bar.update(t.numel() * t.element_size())
+                    del t
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}

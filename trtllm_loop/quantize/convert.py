@@ -133,6 +133,7 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
                 t = read_tensor(obj)
                 t = t.to(specs[name][0]).reshape(specs[name][1])
             yield name, t
+            del t  # before making the next one: two 786 MB embeddings must not coexist
 
     has_kv = to == "fp8" and any(n.endswith(("k_scale", "v_scale")) for n in specs)
     with atomic_dir(out) as tmp:

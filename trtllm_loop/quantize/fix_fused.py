@@ -13,8 +13,9 @@ from trtllm_loop import nvfp4
 from trtllm_loop.checkpoint.formats import NVFP4_CT, group_modules
 from trtllm_loop.checkpoint.hf import tensor_index
 from trtllm_loop.checkpoint.safetensors_io import read_tensor
-from trtllm_loop.checkpoint.validate import fused_groups
+from trtllm_loop.checkpoint.validate import ERROR, FIX_FUSED, fused_groups, validate
 from trtllm_loop.checkpoint.writer import WEIGHT_FILES, atomic_dir, copy_side_files, write_tensors
+from trtllm_loop.errors import UserError
 
 
 def _value(info) -> torch.Tensor:
@@ -23,6 +24,10 @@ def _value(info) -> torch.Tensor:
 
 def fix_fused_scales(src: str | Path, out: str | Path) -> dict:
     src = Path(src)
+    other = [f for f in validate(src) if f.level == ERROR and FIX_FUSED not in f.message]
+    if other:
+        raise UserError(f"{src}: --fix-fused-scales only repairs unequal fused global scales; fix these first:\n  "
+                        + "\n  ".join(str(f) for f in other))
     index = tensor_index(src)
     mods, _ = group_modules(index)
     replace: dict[str, torch.Tensor] = {}

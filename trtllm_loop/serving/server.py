@@ -132,13 +132,12 @@ class TritonServer:
         cmd = [str(loc["binary"]), f"--model-repository={self.repo}",
                f"--http-address={HOST}", f"--grpc-address={HOST}", f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+               f"--metrics-address={HOST}",  # every endpoint on loopback only
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
         if loc["backends"]:
             cmd.append(f"--backend-directory={loc['backends']}")
-        if loc["kind"] == "pytriton":
-            cmd += ["--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false"]
-            # metrics bind address: only expose on loopback
-            cmd.append(f"--metrics-address={HOST}")
+        if loc["kind"] == "pytriton":  # no GPU/DCGM here: skip those collectors
+            cmd += ["--allow-gpu-metrics=false", "--allow-cpu-metrics=false"]
         return cmd
 
     def start(self, timeout: float = 180.0) -> "TritonServer":

@@ -8,7 +8,7 @@ cancel or a stop-string hit cancels the `tensorrt_llm` request (TRT-LLM's `stop`
 The concatenation of the streamed deltas equals the non-streamed text.
 """
 import json
-import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,7 +66,6 @@ class TritonPythonModel:
         self.default_exclude = (params.get("exclude_input_in_output") or "false").lower() == "true"
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency") or 64),
                                        thread_name_prefix="bls")
-        self.lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:
@@ -168,6 +167,7 @@ class TritonPythonModel:
         if not job["exclude"]:
             emit(detok.push(job["input_ids"]))
         cancelled = False
+        last_check = time.monotonic()
         responses = self._llm_request(job, request_id).exec(decoupled=True)
         for resp in responses:
             if resp.has_error():
@@ -180,7 +180,11 @@ class TritonPythonModel:
                 if n is not None:
                     ids = ids[:int(np.asarray(n.as_numpy()).reshape(-1)[0])]
                 emit(matcher.feed(detok.push(ids)))
-            if matcher.stopped or sender.is_cancelled():
+            client_gone = False
+            if time.monotonic() - last_check > 0.05:  # is_cancelled() is an IPC round trip: poll, not per token
+                last_check = time.monotonic()
+                client_gone = sender.is_cancelled()
+            if matcher.stopped or client_gone:
                 cancelled = True
                 self._cancel_llm(request_id)
                 for _ in responses:  # drain the cancelled stream

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover
     from trtllm_loop.serving import textproc as lt
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_CHECK_S = 0.05
 
 
 def _opt(request, name):
@@ -111,6 +112,7 @@ class TritonPythonModel:
         self.stop_flag = threading.Event()
         self.steps = 0
         self.max_concurrent = 0
+        self._last_cancel_check = 0.0
         self.thread = threading.Thread(target=self._engine_loop, name="loop-engine", daemon=True)
         self.thread.start()
 
@@ -256,6 +258,12 @@ class TritonPythonModel:
                 return
 
     def _check_cancelled(self):
+        # is_cancelled() is an IPC round trip to the server: poll every CANCEL_CHECK_S, like TRT-LLM's
+        # cancellation_check_period_ms, not every step
+        now = time.monotonic()
+        if now - self._last_cancel_check < CANCEL_CHECK_S:
+            return
+        self._last_cancel_check = now
         for a in list(self.active.values()):
             try:
                 cancelled = a.sender.is_cancelled()
