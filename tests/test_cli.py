@@ -123,3 +123,26 @@ def test_demo_runs_as_a_console_script(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "demo passed" in r.stdout
+
+
+def test_logits_emulate_activations_on_a_real_nvfp4_export(tmp_path, capsys):
+    """W4A4 emulation: the same numbers in every reference mode, different from weight-only dequantization,
+    and refused where the checkpoint has no activation scales."""
+    from conftest import REPO
+
+    fx = REPO / "tests" / "fixtures" / "nvfp4"
+    d, ids, _ = golden("s1_gqa4x2_w8_T29")  # the fixtures were exported from this case
+    (tmp_path / "a.json").write_text(json.dumps(ids))
+    outs = {}
+    for mode in ("prefill", "decode", "paged"):
+        assert cli("logits", fx / "modelopt_nvfp4", "--ids", tmp_path / "a.json", "--mode", mode,
+                   "--emulate-activations", "nvfp4", "--out", tmp_path / f"{mode}.npy") == 0
+        outs[mode] = np.load(tmp_path / f"{mode}.npy")
+    assert np.abs(outs["prefill"] - outs["decode"]).max() < 1e-4
+    assert np.abs(outs["prefill"] - outs["paged"]).max() < 1e-4
+    assert cli("logits", fx / "modelopt_nvfp4", "--ids", tmp_path / "a.json", "--out", tmp_path / "w.npy") == 0
+    assert np.abs(np.load(tmp_path / "w.npy") - outs["prefill"]).max() > 1e-3
+    capsys.readouterr()
+    assert cli("logits", fx / "modelopt_w4a16_nvfp4", "--ids", tmp_path / "a.json", "--emulate-activations",
+               "nvfp4", "--out", tmp_path / "x.npy") == 2
+    assert "needs the static activation scales (input_scale)" in capsys.readouterr().err

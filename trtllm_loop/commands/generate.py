@@ -37,6 +37,8 @@ def register(sub):
     p.add_argument("--stop", action="append", default=[], help="stop sequence (text, or ids with --prompt-ids)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--emulate-activations", choices=["nvfp4"], default=None,
+                   help="quantize Linear inputs like W4A4 NVFP4 kernels (NVFP4 exports with input_scale)")
     p.add_argument("--tokens-per-block", type=int, default=16)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt at the end")
@@ -89,8 +91,10 @@ def run(args) -> int:
         params.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    rt = LoopRuntime.from_checkpoint(args.ckpt, args.dtype, tokens_per_block=args.tokens_per_block,
-                                     chunk_size=args.chunk, max_batch_size=max(1, len(prompts)))
+    from trtllm_loop.modeling.load import load_model
+
+    rt = LoopRuntime(load_model(args.ckpt, args.dtype, args.emulate_activations),
+                     tokens_per_block=args.tokens_per_block, chunk_size=args.chunk, max_batch_size=max(1, len(prompts)))
     try:
         rids = [rt.add_request(p, params) for p in prompts]
     except ValueError as e:

@@ -93,7 +93,10 @@ def report(ckpt: str, gpu: str | None = None, max_seq_len: int | None = None, kv
 
 
 def _gb(b: float) -> str:
-    return f"{b / 1e9:,.2f} GB"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:,.2f} {unit}"
+    return f"{b:,.0f} B"
 
 
 def run(args) -> int:
@@ -109,7 +112,10 @@ def run(args) -> int:
           f"rope_theta {a['rope_theta']:g}, tied embeddings {a['tie_word_embeddings']}, eos {a['eos_token_id']}")
     print(f"  parameters {r['parameters']:,}; weights {_gb(r['weight_bytes'])} ({r['weight_bytes_source']})")
     if "format" in r:
-        print(f"  format {r['format']}")
+        from trtllm_loop.checkpoint import describe_lines
+
+        for line in describe_lines(r["format"]):
+            print(f"  {line}")
     kv = r["kv_bytes_per_token"]
     print(f"  KV ({r['kv_dtype']}): pass-1 cache {kv['pass1_full']:,} B/token (every token); pass-2 cache "
           f"{kv['pass2_window']:,} B/token for the last {a['loop_window_size']} tokens only")

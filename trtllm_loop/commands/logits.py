@@ -43,6 +43,8 @@ def register(sub):
     p.add_argument("--chunk", type=int, default=256, help="paged modes: context chunk size in tokens")
     p.add_argument("--prefill-len", type=int, default=None,
                    help="paged modes: tokens run as context (default all); the rest one per step")
+    p.add_argument("--emulate-activations", choices=["nvfp4"], default=None,
+                   help="reference modes: also quantize Linear inputs like W4A4 NVFP4 kernels (needs input_scale)")
     p.add_argument("--tp", type=int, default=1, help="torch-backend: tensor-parallel size (simulated ranks)")
     p.add_argument("--out", required=True, help=".npy file (one sequence) or directory (several)")
     p.set_defaults(func=run)
@@ -66,7 +68,8 @@ def read_ids(files: list[str]) -> list[list[int]]:
 
 
 def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32", tokens_per_block: int = 16,
-            chunk: int = 256, prefill_len: int | None = None, tp: int = 1) -> list[np.ndarray]:
+            chunk: int = 256, prefill_len: int | None = None, tp: int = 1,
+            emulate_activations: str | None = None) -> list[np.ndarray]:
     import torch
 
     from trtllm_loop.config import LoopConfig
@@ -77,6 +80,9 @@ def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32",
         if bad:
             raise UserError(f"sequence {i}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     if mode == "torch-backend":
+        if emulate_activations:
+            raise UserError("--emulate-activations is for the reference modes; --mode torch-backend quantizes the "
+                            "activations of W4A4 checkpoints itself, as TensorRT-LLM does")
         from trtllm_loop.trtllm.torch_backend import run_logits
 
         return run_logits(ckpt, seqs, dtype=dtype, tokens_per_block=tokens_per_block, chunk=chunk,
@@ -85,7 +91,7 @@ def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32",
         raise UserError("--tp applies to --mode torch-backend only")
     from trtllm_loop.modeling.load import load_model
 
-    model = load_model(ckpt, dtype)
+    model = load_model(ckpt, dtype, emulate_activations)
     out = []
     with torch.no_grad():
         if mode == "paged":
@@ -131,7 +137,7 @@ def run(args) -> int:
     if args.tokens_per_block <= 0 or args.chunk <= 0:
         raise UserError("--tokens-per-block and --chunk must be positive")
     arrays = compute(args.ckpt, seqs, args.mode, args.dtype, args.tokens_per_block, args.chunk,
-                     args.prefill_len, args.tp)
+                     args.prefill_len, args.tp, args.emulate_activations)
     write_outputs(arrays, args.out)
     shapes = ", ".join(str(list(a.shape)) for a in arrays)
     print(f"wrote {len(arrays)} logits array(s) {shapes} to {args.out} (mode {args.mode}, {args.dtype})")

@@ -38,14 +38,24 @@ def check_state_dict(cfg: LoopConfig, sd: dict[str, torch.Tensor], source: str) 
                         "this is not an IQuestLoopCoder checkpoint for this config.json")
 
 
-def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32"):
-    """-> ``IQuestLoopCoderForCausalLM`` in eval mode with the checkpoint's (dequantized) weights."""
-    from trtllm_loop.checkpoint import load_state_dict
+def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32", emulate_activations: str | None = None):
+    """-> ``IQuestLoopCoderForCausalLM`` in eval mode with the checkpoint's (dequantized) weights.
+
+    ``emulate_activations="nvfp4"``: also quantize every Linear input the way W4A4 NVFP4 kernels do (dynamic
+    per-16 FP8 scales under the checkpoint's static ``input_scale``).
+    """
+    from trtllm_loop.checkpoint import load_checkpoint
     from trtllm_loop.modeling import IQuestLoopCoderConfig, IQuestLoopCoderForCausalLM
 
     dt = torch_dtype(dtype)
     cfg = LoopConfig.from_file(ckpt)
-    sd = load_state_dict(ckpt, dt)
+    if emulate_activations not in (None, "nvfp4"):
+        raise UserError(f"--emulate-activations {emulate_activations!r} unknown; allowed: nvfp4")
+    ck = load_checkpoint(ckpt, dt)
+    sd = ck.state_dict
+    if emulate_activations and not ck.input_scales:
+        raise UserError(f"{ckpt}: --emulate-activations nvfp4 needs the static activation scales (input_scale) of a "
+                        "W4A4 NVFP4 export; this checkpoint has none (dense or weight-only)")
     check_state_dict(cfg, sd, str(ckpt))
     hf_cfg = IQuestLoopCoderConfig(**{k: v for k, v in cfg.to_dict().items()
                                       if k not in ("architectures", "model_type", "torch_dtype")})
@@ -56,4 +66,9 @@ def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32"):
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(dt).eval()
+    model = model.to(dt).eval()
+    if emulate_activations:
+        from trtllm_loop.quantize.emulate import emulate_nvfp4_activations
+
+        emulate_nvfp4_activations(model, ck.input_scales, ck.pre_quant_scales)
+    return model

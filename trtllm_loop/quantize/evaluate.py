@@ -21,15 +21,10 @@ def compare_logits(ref: np.ndarray, quant: np.ndarray) -> dict:
 
 def eval_quant(ref: str, quant: str, seqs: list[list[int]], emulate_activations: str | None = None) -> dict:
     """Prefill logits of both checkpoints through the reference model (fp32) for every sequence."""
-    from trtllm_loop.checkpoint import load_checkpoint
     from trtllm_loop.modeling.load import load_model
-    from trtllm_loop.quantize.emulate import emulate_nvfp4_activations
 
     def logits(ckpt, emulate):
-        model = load_model(ckpt, torch.float32)
-        if emulate:
-            ck = load_checkpoint(ckpt)
-            emulate_nvfp4_activations(model, ck.input_scales, ck.pre_quant_scales)
+        model = load_model(ckpt, torch.float32, emulate_activations=emulate or None)
         with torch.no_grad():
             return [model(torch.tensor([s])).logits[0].float().numpy() for s in seqs]
 
