@@ -101,8 +101,17 @@ def grpc_stream(url: str, model: str, fields: dict, *, stream: bool = True, time
     c.start_stream(callback=lambda result, error: q.put((result, error)))
     finished = False
     try:
-        c.async_stream_infer(model, grpc_inputs({**fields, "stream": stream}),
-                             request_id=request_id or uuid.uuid4().hex, enable_empty_final_response=True)
+        inputs = grpc_inputs({**fields, "stream": stream})
+        try:
+            c.async_stream_infer(model, inputs, request_id=request_id or uuid.uuid4().hex,
+                                 enable_empty_final_response=True)
+        except Exception as e:  # the stream died before sending: the reason went to the callback
+            try:
+                _, err = q.get(timeout=2)
+            except queue.Empty:
+                err = None
+            msg = err.message() if hasattr(err, "message") else str(err or e)
+            raise ConnectionError(msg) from None
         while True:
             try:
                 result, error = q.get(timeout=timeout)
