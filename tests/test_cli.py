@@ -146,3 +146,14 @@ def test_logits_emulate_activations_on_a_real_nvfp4_export(tmp_path, capsys):
     assert cli("logits", fx / "modelopt_w4a16_nvfp4", "--ids", tmp_path / "a.json", "--emulate-activations",
                "nvfp4", "--out", tmp_path / "x.npy") == 2
     assert "needs the static activation scales (input_scale)" in capsys.readouterr().err
+
+
+def test_generate_text_stream_equals_final_text(tmp_path, capsys):
+    assert cli("synth", tmp_path / "m", "--preset", "tiny", "--dtype", "float32") == 0
+    assert (tmp_path / "m" / "tokenizer.model").is_file()
+    args = ["generate", tmp_path / "m", "--prompt", "héllo wörld 你好 ", "--max-tokens", 24, "--ignore-eos"]
+    assert cli(*args, "--json") == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+    assert cli(*args) == 0
+    streamed = capsys.readouterr().out.rsplit("\n[length, 24 tokens]", 1)[0]
+    assert streamed == final

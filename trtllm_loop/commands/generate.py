@@ -102,7 +102,10 @@ def run(args) -> int:
     outputs = {r: [] for r in rids}
     reasons = {}
     stream = len(prompts) == 1 and not args.json
-    shown = ""
+    if stream and tok is not None:
+        from trtllm_loop.serving.textproc import IncrementalDetokenizer
+
+        detok = IncrementalDetokenizer(tok)
     while rt.has_unfinished():
         for o in rt.step():
             outputs[o.request_id] += o.token_ids
@@ -111,13 +114,12 @@ def run(args) -> int:
             if stream and o.token_ids:
                 if tok is None:
                     print(" ".join(map(str, o.token_ids)), end=" ", flush=True)
-                else:
-                    text = tok.decode(outputs[o.request_id], skip_special_tokens=True)
-                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                        sys.stdout.write(text[len(shown):])
-                        sys.stdout.flush()
-                        shown = text
+                else:  # whole UTF-8 characters only, with SentencePiece's spaces
+                    sys.stdout.write(detok.push(o.token_ids))
+                    sys.stdout.flush()
     if stream:
+        if tok is not None:
+            sys.stdout.write(detok.flush())
         print(f"\n[{reasons[rids[0]]}, {len(outputs[rids[0]])} tokens]")
     for i, r in enumerate(rids):
         rec = {"prompt_ids": prompts[i], "output_ids": outputs[r], "finish_reason": reasons[r]}
