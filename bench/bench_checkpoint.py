@@ -43,7 +43,7 @@ def make_checkpoint(out: Path, layers: int, vocab: int, shard_gb: float) -> int:
                hidden_size=5120, intermediate_size=27648, num_hidden_layers=layers, num_attention_heads=40,
                num_key_value_heads=8, head_dim=128, loop_num=2, loop_window_size=64, torch_dtype="bfloat16")
     shapes = LoopConfig.from_dict(cfg).tensor_shapes()
-    specs, makers = {}, {}
+    specs = {}
     u8, f8, f32, bf16 = torch.uint8, torch.float8_e4m3fn, torch.float32, torch.bfloat16
     for name, shape in shapes.items():
         prefix = name[:-len(".weight")]

@@ -13,11 +13,13 @@ from trtllm_loop.errors import UserError
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """``with atomic_dir(OUT) as tmp:`` write into ``tmp``; on success it becomes OUT, on error it vanishes."""
+def atomic_dir(out: str | Path, overwrite: bool = False,
+               hint: str = "choose a new directory or pass --overwrite") -> Iterator[Path]:
+    """``with atomic_dir(OUT) as tmp:`` write into ``tmp``; on success it becomes OUT, on error it vanishes.
+    An existing OUT is refused (with ``hint``) unless ``overwrite`` or it is an empty directory."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose a new directory or pass --overwrite")
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"{out}: already exists; {hint}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

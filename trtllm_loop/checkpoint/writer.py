@@ -4,43 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from trtllm_loop.checkpoint.hf import INDEX, SINGLE
 from trtllm_loop.checkpoint.safetensors_io import SafetensorsWriter
-from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import atomic_dir  # noqa: F401  (re-exported for convert / fix_fused)
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 # files that describe the weights we rewrite; everything else (tokenizer, generation config, chat template,
 # README) is copied
 WEIGHT_FILES = {INDEX, "hf_quant_config.json", "config.json", "recipe.yaml"}
-
-
-@contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temp dir next to ``out``; rename it to ``out`` on success, delete it on any failure."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; remove it or choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

@@ -136,7 +136,7 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
             del t  # before making the next one: two 786 MB embeddings must not coexist
 
     has_kv = to == "fp8" and any(n.endswith(("k_scale", "v_scale")) for n in specs)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, hint="it is not empty: remove it or choose another output directory") as tmp:
         files = write_tensors(tmp, specs, produce(), max_shard_bytes, desc=f"convert->{to}")
         copied = copy_side_files(src, tmp)
         _write_configs(src, tmp, to, has_kv, str(dtype).removeprefix("torch."))

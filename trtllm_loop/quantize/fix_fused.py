@@ -64,7 +64,7 @@ def fix_fused_scales(src: str | Path, out: str | Path) -> dict:
         for n in specs:
             yield n, replace[n] if n in replace else read_tensor(index[n])
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, hint="it is not empty: remove it or choose another output directory") as tmp:
         write_tensors(tmp, specs, produce(), desc="fix-fused-scales")
         copy_side_files(src, tmp)
         for f in WEIGHT_FILES - {"model.safetensors.index.json"}:

@@ -18,12 +18,12 @@ import os
 import re
 import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import trtllm_loop
 from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import atomic_dir
 
 FLAVOURS = ("tensorrtllm", "llmapi", "reference")
 SERVING_DIR = Path(__file__).resolve().parent
@@ -150,9 +150,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                          {"tensorrtllm": None, "llmapi": MODELS_SRC / "llmapi.py",
                           "reference": MODELS_SRC / "reference.py"}[flavour]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:
         for name, (config_tpl, src) in models.items():
             d = tmp / name
             (d / "1").mkdir(parents=True)
@@ -170,12 +168,6 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
             "serve: trtllm-loop serve <this dir>; models: ensemble, tensorrt_llm_bls (client contract), "
             "preprocessing, tensorrt_llm, postprocessing\n")
         validate_repository(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import yaml
 
 from trtllm_loop.config import ARCHITECTURE, KV_DTYPE_BYTES, ConfigError, LoopConfig
 from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import atomic_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]          # trtllm_loop/
 REPO_BUILD_CONFIGS = PACKAGE_DIR.parent / "build_configs"
@@ -391,12 +391,7 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
     _check_fits(bc, plan)
     if weights not in ("link", "copy", "symlink"):
         raise UserError(f"--weights {weights!r}: allowed link (hard link, copy across filesystems), copy, symlink")
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to replace it")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=force, hint="pass --force to replace it") as tmp:
         hf_cfg = json.loads((ckpt / "config.json").read_text())
         from trtllm_loop.trtllm.torch_backend.config_view import to_view_dict
         extra = {"quantization_config": hf_cfg["quantization_config"]} if "quantization_config" in hf_cfg else {}
@@ -444,10 +439,4 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
                 "kv_layers": cfg.num_kv_slots, "physical_layers": cfg.num_hidden_layers,
                 "weights": weights, "trtllm_version": trtllm_version, "checkpoint_warnings": warnings}
         (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
