@@ -299,6 +299,16 @@ class Preprocessor:
                 "stop_words": list(stop_words)}
 
 
+def preprocessor_from_params(params: dict) -> "Preprocessor":
+    """The Preprocessor a Python model's ``config.pbtxt`` parameters describe (tokenizer_dir, max_input_len,
+    max_output_len, add_special_tokens) -- one construction for ``preprocessing`` and ``tensorrt_llm_bls``."""
+    tok_dir = params.get("tokenizer_dir", "")
+    return Preprocessor(load_tokenizer(tok_dir), model_eos_from_dir(tok_dir),
+                        max_input_len=int(params.get("max_input_len") or 0),
+                        max_output_len=int(params.get("max_output_len") or 0),
+                        add_special_tokens=(params.get("add_special_tokens") or "false").lower() == "true")
+
+
 def model_eos_from_dir(model_dir: str):
     """eos ids from ``generation_config.json`` (preferred) or ``config.json`` next to the tokenizer."""
     import os

@@ -56,11 +56,8 @@ def _error(msg: str):
 class TritonPythonModel:
     def initialize(self, args):
         params = lt.parameters(json.loads(args["model_config"]))
-        tok_dir = params.get("tokenizer_dir", "")
-        self.tok = lt.load_tokenizer(tok_dir)
-        self.pre = lt.Preprocessor(self.tok, lt.model_eos_from_dir(tok_dir),
-                                   max_input_len=int(params.get("max_input_len") or 0),
-                                   max_output_len=int(params.get("max_output_len") or 0))
+        self.pre = lt.preprocessor_from_params(params)
+        self.tok = self.pre.tok
         self.skip_special = (params.get("skip_special_tokens") or "true").lower() == "true"
         self.llm = params.get("tensorrt_llm_model_name") or "tensorrt_llm"
         self.default_exclude = (params.get("exclude_input_in_output") or "false").lower() == "true"

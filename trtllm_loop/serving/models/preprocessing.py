@@ -25,12 +25,8 @@ def _scalar(arr, row):
 class TritonPythonModel:
     def initialize(self, args):
         params = lt.parameters(json.loads(args["model_config"]))
-        tok_dir = params.get("tokenizer_dir", "")
-        self.tok = lt.load_tokenizer(tok_dir)
-        self.pre = lt.Preprocessor(self.tok, lt.model_eos_from_dir(tok_dir),
-                                   max_input_len=int(params.get("max_input_len") or 0),
-                                   max_output_len=int(params.get("max_output_len") or 0),
-                                   add_special_tokens=params.get("add_special_tokens", "false").lower() == "true")
+        self.pre = lt.preprocessor_from_params(params)
+        self.tok = self.pre.tok
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
