@@ -31,10 +31,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables ``[..., head_dim]`` for integer positions (fp32 angles, then cast; rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # [..., D/2]
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """omega_i = theta^(-2i / head_dim), i < head_dim / 2, fp32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 inv_freq: torch.Tensor | None = None):
+    """cos/sin tables ``[..., head_dim]`` for integer positions (fp32 angles, then cast; rotate-half layout).
+    Pass a precomputed ``inv_freq`` on the positions' device to keep host-to-device copies out of a forward."""
+    inv = rope_inv_freq(head_dim, theta).to(positions.device) if inv_freq is None else inv_freq
+    angles = positions.to(torch.float32)[..., None] * inv  # [..., D/2]
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

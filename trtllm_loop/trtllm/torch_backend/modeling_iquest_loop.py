@@ -57,7 +57,7 @@ from tensorrt_llm.bindings import LayerType  # noqa: E402
 from tensorrt_llm.functional import PositionEmbeddingType  # noqa: E402
 
 from trtllm_loop.config import ARCHITECTURE, LoopConfig  # noqa: E402
-from trtllm_loop.modeling.loop import apply_rope, compute_gate, mix  # noqa: E402
+from trtllm_loop.modeling.loop import apply_rope, compute_gate, mix, rope_cos_sin, rope_inv_freq  # noqa: E402
 from trtllm_loop.trtllm.torch_backend.config_view import loop_config_from_view  # noqa: E402
 
 # --- VSWA: TRT-LLM 1.2.1 ModelConfig.get_layer_types() answers only for Gemma3ForCausalLM ("This method is a
@@ -191,17 +191,14 @@ class IQuestLoopModel(DecoderModel):
         # pass-1 k|v of every layer for the tokens of one step (2 * kv_size / tp values per token and layer)
         self.register_buffer("kv_stash", torch.zeros(cfg.num_hidden_layers, model_config.max_num_tokens,
                                                      2 * cfg.kv_size // tp, dtype=dtype), persistent=False)
-        # RoPE frequencies of trtllm_loop.modeling.loop.rope_cos_sin, resident on the model's device: building
+        # RoPE frequencies for trtllm_loop.modeling.loop.rope_cos_sin, resident on the model's device: building
         # them in forward would copy host memory to the GPU, which CUDA-graph capture does not allow
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
-                                             / cfg.head_dim))
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
 
     def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin ``[N, head_dim]`` (rotate-half layout) of the step's positions, for the gate's RoPE of q2."""
-        angles = position_ids.reshape(-1).float()[:, None] * self.rope_inv_freq
-        emb = torch.cat([angles, angles], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(position_ids.reshape(-1), self.loop_cfg.head_dim, self.loop_cfg.rope_theta, dtype,
+                            inv_freq=self.rope_inv_freq)
 
     def forward(self, attn_metadata, input_ids: torch.Tensor = None, position_ids: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, lora_params=None, **kwargs) -> torch.Tensor:
