@@ -88,3 +88,15 @@ def test_missing_head_dim_is_derived_and_file_errors_name_the_path(tmp_path):
 def test_presets_are_valid():
     assert preset_config("40b-shape", "bfloat16").num_parameters() == 39_794_696_320
     assert preset_config("tiny", "float32").loop_window_size == 16
+
+
+def test_tensor_parallel_sizes():
+    c = LoopConfig.from_dict(RELEASED)
+    # 40 query heads split evenly; 8 KV heads split evenly (1, 2, 4, 8) or replicated (40 = 5 x 8)
+    assert c.tp_sizes() == [1, 2, 4, 8, 40]
+    c.check_tp(8)
+    with pytest.raises(ConfigError, match="tensor parallel size 16 does not fit .*allowed: \\[1, 2, 4, 8, 40\\]"):
+        c.check_tp(16)
+    mqa = LoopConfig.from_dict(dict(RELEASED, num_attention_heads=4, num_key_value_heads=1, head_dim=None,
+                                    hidden_size=64))
+    assert mqa.tp_sizes() == [1, 2, 4]

@@ -84,10 +84,10 @@ def test_new_cases_single_and_batched(name, tmp_path_factory):
     assert maxdiff(forward(conf, w, seqs[0], global_from_loop1=True), expected[0]) > 100 * TOL
 
 
-@pytest.mark.parametrize("name,tp", [(n, tp) for n in sorted(CASES) for tp in (2, 4)
-                                     if CASES[n].get("num_key_value_heads", 2) % tp == 0])
+@pytest.mark.parametrize("name,tp", [(n, tp) for n in sorted(CASES) for tp in (2, 4)])
 def test_tensor_parallel_ranks_equal_tp1_and_oracle(name, tp, tmp_path_factory):
-    """Simulated ranks (threads, summed all-reduce): heads, KV heads and gate rows split over the ranks."""
+    """Simulated ranks (threads, summed all-reduce): heads and gate rows split over the ranks; KV heads split,
+    or are replicated when there are more ranks than KV heads (MQA at TP 2/4, 4 KV heads at TP 4 ... )."""
     d, conf, _, seqs, expected = _case(name, tmp_path_factory)
     one = run_logits(d, seqs, chunk=5, tokens_per_block=4, prefill_len=11)
     many = run_logits(d, seqs, chunk=5, tokens_per_block=4, prefill_len=11, tp_size=tp)
@@ -297,7 +297,7 @@ def test_run_logits_user_errors(tmp_path, monkeypatch):
     d, ids, _ = golden("s2_mqa_w4_theta1e4_T8")
     for kw, match in [(dict(dtype="int8"), "--dtype 'int8'"), (dict(chunk=0), "must be positive"),
                       (dict(seqs=[[]]), "at least one token"), (dict(seqs=[[5, 128]]), "token id 128 is outside"),
-                      (dict(tp_size=2), "--tp 2 must divide")]:
+                      (dict(tp_size=3), "tensor parallel size 3 does not fit .*allowed: \\[1, 2, 4\\]")]:
         seqs = kw.pop("seqs", [ids])
         with pytest.raises(UserError, match=match):
             run_logits(d, seqs, **kw)
@@ -307,6 +307,32 @@ def test_run_logits_user_errors(tmp_path, monkeypatch):
     d4, _, _ = golden("s1_gqa4x2_w8_T29")
     with pytest.raises(UserError, match="serve.sh --tp N"):
         run_logits(d4, [ids], tp_size=2)
+
+
+@pytest.mark.parametrize("name,tp", [("s1_gqa4x2_w8_T29", 4), ("s2_mqa_w4_theta1e4_T8", 2),
+                                     ("s2_mqa_w4_theta1e4_T8", 4)])
+def test_more_ranks_than_kv_heads_replicates_them(name, tp):
+    """TRT-LLM's loader (duplicate_kv_weight) repeats each KV head for tp / num_kv_heads ranks."""
+    d, ids, expected = golden(name)
+    [got] = run_logits(d, [ids], chunk=5, tokens_per_block=4, tp_size=tp)
+    assert maxdiff(got, expected) < TOL
+
+
+def test_duplicate_kv_weight_hands_each_rank_its_kv_head():
+    from tensorrt_llm._torch.models.modeling_utils import duplicate_kv_weight
+
+    w = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2 * 3, 5)   # 2 KV heads of head_dim 3
+    dup = duplicate_kv_weight(w, num_kv_heads=2, tensor_parallel_size=4)
+    assert dup.shape == (12, 5)
+    for rank in range(4):  # rank r serves query heads of KV head r // 2
+        assert torch.equal(dup[3 * rank:3 * rank + 3], w[3 * (rank // 2):3 * (rank // 2) + 3])
+    assert duplicate_kv_weight(w, 2, 2) is w
+
+
+def test_quantized_checkpoints_refuse_kv_replication():
+    d = f"{FIX}/modelopt_nvfp4"  # 2 KV heads
+    with pytest.raises(UserError, match="replicates the 2 KV heads"):
+        run_logits(d, [[1, 2, 3]], tp_size=4)
 
 
 def test_config_view_round_trip_and_errors():

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtllm_loop.errors import UserError
+
 MODEL_TYPE = "iquestloopcoder"
 ARCHITECTURE = "IQuestLoopCoderForCausalLM"
 RELEASED_EOS = (2, 75864, 75869)
@@ -26,7 +28,7 @@ RELEASED_EOS = (2, 75864, 75869)
 KV_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "nvfp4": 0.5 + 1 / 16}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json value we cannot serve; the message names the field and the allowed values."""
 
 
@@ -218,6 +220,19 @@ class LoopConfig:
     @property
     def num_kv_slots(self) -> int:
         return self.num_hidden_layers * self.loop_num
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def tp_sizes(self) -> list[int]:
+        """TP sizes TRT-LLM can shard this model over: query heads (and gate rows) split evenly; KV heads
+        split evenly, or are replicated when there are more ranks than KV heads (tp a multiple of them)."""
+        h, hkv = self.num_attention_heads, self.num_key_value_heads
+        return [t for t in range(1, h + 1) if h % t == 0 and (hkv % t == 0 or t % hkv == 0)]
+
+    def check_tp(self, tp: int, where: str = "config.json") -> None:
+        if tp not in self.tp_sizes():
+            raise ConfigError(f"tensor parallel size {tp} does not fit {where}: it must divide num_attention_heads "
+                              f"({self.num_attention_heads}) and divide or be a multiple of num_key_value_heads "
+                              f"({self.num_key_value_heads}); allowed: {self.tp_sizes()}")
 
     # ------------------------------------------------------------------ slot plan
     @staticmethod

@@ -141,6 +141,9 @@ def weight_format(ckpt: Path, cfg: LoopConfig) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", None: "bf16"}[cfg.torch_dtype]
 
 
+DENSE_FORMATS = ("bf16", "fp16", "fp32")
+
+
 def check_combination(bc: BuildConfig, cfg: LoopConfig, fmt: str, tp: int) -> None:
     """Refuse what the target cannot run, naming the fix."""
     where = bc.source or bc.target
@@ -168,11 +171,11 @@ def check_combination(bc: BuildConfig, cfg: LoopConfig, fmt: str, tp: int) -> No
     if bc.unified_memory and bc.host_cache_size:
         raise UserError(f"{where}: field 'host_cache_size' must be 0 on unified memory (the host tier is the same "
                         "physical memory, TRT-LLM issue #15793)")
-    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if h % tp or hkv % tp:
-        ok = [t for t in range(1, hkv + 1) if hkv % t == 0 and h % t == 0]
-        raise UserError(f"tensor parallel size {tp} must divide num_attention_heads ({h}) and num_key_value_heads "
-                        f"({hkv}) so that heads, KV heads and gate rows split alike; allowed: {ok}")
+    ok = allowed_tp(cfg, fmt)
+    if tp not in ok:
+        raise UserError(f"tensor parallel size {tp} must divide num_attention_heads ({cfg.num_attention_heads}) and "
+                        f"divide, or be a multiple of, num_key_value_heads ({cfg.num_key_value_heads}); TRT-LLM "
+                        f"replicates KV heads for dense k/v weights only (this checkpoint is {fmt}); allowed: {ok}")
     if bc.max_seq_len > cfg.max_position_embeddings:
         raise UserError(f"{where}: field 'max_seq_len' {bc.max_seq_len} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings} (RoPE positions it was not trained for); set max_seq_len "
@@ -182,9 +185,9 @@ def check_combination(bc: BuildConfig, cfg: LoopConfig, fmt: str, tp: int) -> No
                         "same-slot re-append is unproven (TRT-LLM PRs #10183, #10875)")
 
 
-def allowed_tp(cfg: LoopConfig) -> list[int]:
-    return [t for t in range(1, cfg.num_key_value_heads + 1)
-            if cfg.num_key_value_heads % t == 0 and cfg.num_attention_heads % t == 0]
+def allowed_tp(cfg: LoopConfig, fmt: str = "bf16") -> list[int]:
+    """serve.sh's allowed --tp values (KV-head replication only for dense weights, see check_combination)."""
+    return [t for t in cfg.tp_sizes() if fmt in DENSE_FORMATS or t <= cfg.num_key_value_heads]
 
 
 # ------------------------------------------------------------------------------------------ memory plan
@@ -271,7 +274,7 @@ SERVE_SH = r"""#!/usr/bin/env bash
 #                                        needs this directory at the same path and passwordless ssh
 #   DRY_RUN=1 ./serve.sh ...             print the command instead of running it
 #
-# Allowed --tp values (must divide the {heads} attention heads and {kv_heads} KV heads): {allowed_tp}
+# Allowed --tp values (divide the {heads} attention heads; divide, or replicate, the {kv_heads} KV heads): {allowed_tp}
 set -euo pipefail
 DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 source "$DIR/env.sh"
@@ -415,7 +418,7 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         serve = tmp / "serve.sh"
         serve.write_text(SERVE_SH.format(trtllm_version=trtllm_version, tp=tp, heads=cfg.num_attention_heads,
                                          kv_heads=cfg.num_key_value_heads, module=CUSTOM_MODULE,
-                                         allowed_tp=" ".join(map(str, allowed_tp(cfg)))))
+                                         allowed_tp=" ".join(map(str, allowed_tp(cfg, fmt)))))
         serve.chmod(0o755)
         _copy_package(tmp / "python")
         (tmp / "custom_modules" / CUSTOM_MODULE).mkdir(parents=True)

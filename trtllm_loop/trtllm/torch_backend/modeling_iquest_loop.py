@@ -101,12 +101,13 @@ class IQuestLoopAttention(nn.Module):
         super().__init__()
         c, mapping, tp = loop_cfg, model_config.mapping, model_config.mapping.tp_size
         dtype = model_config.pretrained_config.torch_dtype
-        self.num_heads, self.num_kv_heads = c.num_attention_heads // tp, c.num_key_value_heads // tp
+        # attention.py: KV heads per rank round up; with tp > num_key_value_heads the loader replicates them
+        self.num_heads, self.num_kv_heads = c.num_attention_heads // tp, -(-c.num_key_value_heads // tp)
         self.head_dim, self.window = c.head_dim, c.loop_window_size
         self.q_size = self.num_heads * c.head_dim
         quant = model_config.get_quant_config()
         skip = model_config.skip_create_weights_in_init
-        self.qkv_proj = Linear(c.hidden_size, (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim,
+        self.qkv_proj = Linear(c.hidden_size, tp * (self.num_heads + 2 * self.num_kv_heads) * c.head_dim,
                                bias=False, dtype=dtype, mapping=mapping,
                                tensor_parallel_mode=TensorParallelMode.COLUMN,
                                weights_loading_config=WeightsLoadingConfig(weight_mode=WeightMode.FUSED_QKV_LINEAR),
@@ -188,9 +189,10 @@ class IQuestLoopModel(DecoderModel):
         self.layers = nn.ModuleList(IQuestLoopDecoderLayer(model_config, cfg, l)
                                     for l in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(hidden_size=cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        # pass-1 k|v of every layer for the tokens of one step (2 * kv_size / tp values per token and layer)
+        # pass-1 k|v of every layer for the tokens of one step (2 * KV heads per rank * head_dim per token and layer)
+        kv_per_rank = -(-cfg.num_key_value_heads // tp) * cfg.head_dim
         self.register_buffer("kv_stash", torch.zeros(cfg.num_hidden_layers, model_config.max_num_tokens,
-                                                     2 * cfg.kv_size // tp, dtype=dtype), persistent=False)
+                                                     2 * kv_per_rank, dtype=dtype), persistent=False)
         # RoPE frequencies for trtllm_loop.modeling.loop.rope_cos_sin, resident on the model's device: building
         # them in forward would copy host memory to the GPU, which CUDA-graph capture does not allow
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)

@@ -35,10 +35,15 @@ def filter_weights(prefix: str, weights: Dict) -> Dict:
 
 
 def duplicate_kv_weight(weight: torch.Tensor, num_kv_heads: int, tensor_parallel_size: int) -> torch.Tensor:
+    """``modeling_utils.duplicate_kv_weight``: with more TP ranks than KV heads, each KV head's rows are repeated
+    ``tp / num_kv_heads`` times so that the column split hands rank r the KV head of its query heads."""
     if num_kv_heads >= tensor_parallel_size:
         assert num_kv_heads % tensor_parallel_size == 0
         return weight
-    raise NotImplementedError("the double does not replicate KV heads (tp_size > num_kv_heads)")
+    assert tensor_parallel_size % num_kv_heads == 0
+    reps = tensor_parallel_size // num_kv_heads
+    return weight.reshape(num_kv_heads, -1, *weight.shape[1:]).repeat_interleave(reps, dim=0) \
+        .reshape(-1, *weight.shape[1:])
 
 
 class DecoderModel(nn.Module):
