@@ -37,13 +37,14 @@ def test_reference_modes_match_oracle(case, mode):
     assert np.abs(got - expected).max() < TOL
 
 
-def test_paged_batched_chunked_matches_oracle(case):
+@pytest.mark.parametrize("mode", ["paged", "torch-backend"])
+def test_batched_chunked_matches_oracle(case, mode):
     d, _, _, ids, expected = case
     seqs = [ids, ids[:11], ids[:2], ids[:-3]]
-    outs = compute(str(d), seqs, "paged", tokens_per_block=4, chunk=5)
+    outs = compute(str(d), seqs, mode, tokens_per_block=4, chunk=5)
     for s, got in zip(seqs, outs):
         assert np.abs(got - expected[: len(s)]).max() < TOL
-    outs = compute(str(d), seqs, "paged", tokens_per_block=3, chunk=7, prefill_len=6)
+    outs = compute(str(d), seqs, mode, tokens_per_block=3, chunk=7, prefill_len=6)
     for s, got in zip(seqs, outs):
         assert np.abs(got - expected[: len(s)]).max() < TOL
 
@@ -57,7 +58,7 @@ def test_case_is_sensitive_to_known_bugs(case):
         assert np.abs(forward(conf, w, ids, window=conf["loop_window_size"] + 1) - expected).max() > 100 * TOL
 
 
-@pytest.mark.parametrize("mode", ["prefill", "decode", "paged"])
+@pytest.mark.parametrize("mode", ["prefill", "decode", "paged", "torch-backend"])
 def test_pass2_window_includes_current_token(tmp_path, mode):
     """Gate forced to 0: pass 2 is pure local attention over exactly W = 64 keys including the current one."""
     d, conf, w = make_checkpoint(tmp_path, seed=5, gate_bias=-40.0, gate_weight_zero=True, loop_window_size=64)
@@ -71,7 +72,7 @@ def test_pass2_window_includes_current_token(tmp_path, mode):
         assert np.abs(wrong[:63] - exact[:63]).max() < 1e-9  # before the window fills, W is irrelevant
 
 
-@pytest.mark.parametrize("mode", ["prefill", "decode", "paged"])
+@pytest.mark.parametrize("mode", ["prefill", "decode", "paged", "torch-backend"])
 def test_global_branch_reads_pass1_kv(tmp_path, mode):
     """Gate forced to 1: pass 2 is pure global attention over the pass-1 K/V of the same layer."""
     d, conf, w = make_checkpoint(tmp_path, seed=6, gate_bias=40.0, gate_weight_zero=True, loop_window_size=4)

@@ -29,12 +29,13 @@ def test_reference_modes_match_golden(case, mode):
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
+@pytest.mark.parametrize("mode", ["paged", "torch-backend"])
 @pytest.mark.parametrize("tpb,chunk,prefill_len", [(4, 5, None), (4, 5, 9), (1, 1, None), (16, 64, 3), (3, 7, 20)])
-def test_paged_batched_matches_golden(case, tpb, chunk, prefill_len):
+def test_batched_modes_match_golden(case, mode, tpb, chunk, prefill_len):
     """Several sequences of different lengths together (prefixes are valid sub-cases by causality)."""
     d, ids, expected = golden(case)
     seqs = [ids, ids[: len(ids) // 2], ids[:1], ids[: len(ids) - 1]]
-    outs = compute(str(d), seqs, "paged", tokens_per_block=tpb, chunk=chunk, prefill_len=prefill_len)
+    outs = compute(str(d), seqs, mode, tokens_per_block=tpb, chunk=chunk, prefill_len=prefill_len)
     for s, got in zip(seqs, outs):
         assert got.shape == (len(s), expected.shape[1])
         assert np.abs(got - expected[: len(s)]).max() < TOL
