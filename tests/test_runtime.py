@@ -72,11 +72,11 @@ def test_window_slots_hold_at_most_ceil_w_over_tpb_plus_one_blocks(model, tpb):
         rt.step()
         steps += 1
         for r in rt.running:
-            held = rt.cache.held_blocks(id(r), W)
+            held = rt.cache.held_blocks(r.seq, W)
             peak = max(peak, held)
             assert held <= math.ceil(W / tpb) + 1
             # the full slots keep every token
-            assert rt.cache.held_blocks(id(r), None) == math.ceil(r.computed / tpb)
+            assert rt.cache.held_blocks(r.seq, None) == math.ceil(r.computed / tpb)
     assert peak >= math.ceil((W - 1) / tpb)  # the bound is reached, so the check is not vacuous
     assert rt.cache.used_blocks(None) == 0 and rt.cache.used_blocks(W) == 0  # all returned at the end
 

@@ -43,6 +43,7 @@ class _Request:
     computed: int = 0                    # tokens whose K/V are in the cache
     finish_reason: str | None = None
     reserved: int = 0                    # full-group blocks reserved at admission
+    seq: int = -1                        # the KV cache's sequence id (one per request, never reused)
 
     @property
     def tokens(self) -> list[int]:
@@ -70,6 +71,7 @@ class LoopRuntime:
         self.running: list[_Request] = []
         self.cancelled: list[_Request] = []
         self._ids = itertools.count()
+        self._seqs = itertools.count()
         self.steps = 0
 
     @classmethod
@@ -97,7 +99,7 @@ class LoopRuntime:
         if need > self.cache.groups[None].num_blocks:
             raise ValueError(f"request needs {need} KV blocks; the pool has {self.cache.groups[None].num_blocks}")
         r = _Request(rid, prompt, params, len(prompt) if prefill_len is None else prefill_len, return_logits,
-                     make_generator(params.seed), reserved=need)
+                     make_generator(params.seed), reserved=need, seq=next(self._seqs))
         self.waiting.append(r)
         return rid
 
@@ -107,7 +109,7 @@ class LoopRuntime:
                 if r.id == request_id:
                     q.remove(r)
                     if q is self.running:
-                        self.cache.free_sequence(self._seq(r))
+                        self.cache.free_sequence(r.seq)
                     r.finish_reason = "cancelled"
                     self.cancelled.append(r)
                     return True
@@ -117,9 +119,6 @@ class LoopRuntime:
         return bool(self.waiting or self.running or self.cancelled)
 
     # ------------------------------------------------------------------ scheduling
-    def _seq(self, r: _Request) -> int:
-        return id(r)
-
     def _admit(self) -> None:
         reserved = sum(r.reserved for r in self.running)
         while self.waiting and len(self.running) < self.max_batch_size:
@@ -128,7 +127,7 @@ class LoopRuntime:
                 break  # wait for capacity (guaranteed-no-evict policy)
             self.waiting.pop(0)
             reserved += r.reserved
-            self.cache.add_sequence(self._seq(r))
+            self.cache.add_sequence(r.seq)
             self.running.append(r)
 
     def _schedule(self) -> list[tuple[_Request, int]]:
@@ -157,7 +156,7 @@ class LoopRuntime:
         plan = self._schedule()
         if not plan:
             return outs
-        meta = StepMetadata([self._seq(r) for r, _ in plan], [r.computed for r, _ in plan], [n for _, n in plan])
+        meta = StepMetadata([r.seq for r, _ in plan], [r.computed for r, _ in plan], [n for _, n in plan])
         ids = torch.tensor([t for r, n in plan for t in r.tokens[r.computed:r.computed + n]],
                            device=self.model.lm_head.weight.device)
         for seq, past, n in zip(meta.seq_ids, meta.past, meta.new):
@@ -189,7 +188,7 @@ class LoopRuntime:
 
     def _finish(self, r: _Request, reason: str, outs: list | None = None, out: StepOutput | None = None):
         self.running.remove(r)
-        self.cache.free_sequence(self._seq(r))
+        self.cache.free_sequence(r.seq)
         r.finish_reason = reason
         if out is None:
             out = StepOutput(r.id, [], True, reason)
