@@ -8,24 +8,14 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("sentencepiece")
+from conftest import require, require_triton_server
 
-
-def _have_server() -> bool:
-    try:
-        from trtllm_loop.serving.server import locate
-
-        locate()
-        return True
-    except Exception:
-        return False
+require("tritonclient.grpc")
+require("sentencepiece")
 
 
-pytestmark = pytest.mark.skipif(not _have_server(), reason="no tritonserver: install the serving extra "
-                                                           "(nvidia-pytriton) or set TRITONSERVER")
+require_triton_server()
 
 
 def test_serve_cli_prints_endpoints_and_stops_on_ctrl_c(tmp_path):

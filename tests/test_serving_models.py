@@ -15,8 +15,6 @@ import pytest
 
 from trtllm_loop.serving import textproc as lt
 
-pytest.importorskip("yaml")
-
 
 class _Tensor:
     def __init__(self, name, arr):

@@ -6,10 +6,12 @@ import json
 import random
 
 import numpy as np
+import transformers
 import pytest
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("sentencepiece")
+from conftest import require
+
+require("sentencepiece")
 
 from trtllm_loop.serving import textproc as lt  # noqa: E402
 from trtllm_loop.serving.tokenizer import write_tokenizer  # noqa: E402
@@ -103,7 +105,7 @@ def test_preprocessor(tok):
 
 
 def test_client_checks_field_types():
-    pytest.importorskip("tritonclient.grpc")
+    require("tritonclient.grpc")
     from trtllm_loop.serving.client import check_fields, grpc_inputs, request_fields
 
     f = request_fields("hi", 8, stop_words=["a"], temperature=0.5, seed=3, messages=[{"role": "user", "content": "x"}])

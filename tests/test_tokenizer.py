@@ -6,8 +6,10 @@ import time
 
 import pytest
 
-pytest.importorskip("sentencepiece")
-transformers = pytest.importorskip("transformers")
+from conftest import require
+
+require("sentencepiece")
+import transformers  # noqa: E402
 
 from trtllm_loop.errors import UserError  # noqa: E402
 from trtllm_loop.serving.tokenizer import NAMED_ADDED, NAMED_NONSPECIAL, write_tokenizer  # noqa: E402

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("sentencepiece")
+from conftest import require
+
+require("tritonclient.grpc")
+require("sentencepiece")
 
 from trtllm_loop.cli import main  # noqa: E402
 from trtllm_loop.errors import UserError  # noqa: E402

@@ -14,11 +14,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import transformers
 import pytest
 
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("sentencepiece")
-transformers = pytest.importorskip("transformers")
+from conftest import require, require_triton_server
+
+require("tritonclient.grpc")
+require("sentencepiece")
 
 from trtllm_loop.serving import textproc as lt  # noqa: E402
 from trtllm_loop.serving.client import (TritonRequestError, grpc_generate, grpc_stream, http_generate,  # noqa: E402
@@ -29,18 +31,7 @@ PROMPTS = ["Hello world, 你好 😀 and  two spaces", "def add(a, b):\n    retu
            "The quick brown fox"]
 
 
-def _have_server() -> bool:
-    try:
-        from trtllm_loop.serving.server import locate
-
-        locate()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_server(), reason="no tritonserver: install the serving extra "
-                                                           "(nvidia-pytriton) or set TRITONSERVER")
+require_triton_server()
 
 
 class Env:
