@@ -259,6 +259,20 @@ class LoopConfig:
         """The repeating 2-element pattern ``[max_seq_len, W]`` TRT-LLM expands over the 2L slots."""
         return self.slot_windows(max_seq_len)[:2]
 
+    def pool_blocks_per_sequence(self, window: int | None, tokens_per_block: int, max_seq_len: int,
+                                 step_tokens: int = 1) -> int:
+        """KV blocks one sequence holds in the pool of ``window`` (None = full) during a step that brings up to
+        ``step_tokens`` tokens: the whole sequence for the full group; for a window group the W - 1 keys before
+        the step plus the step's own tokens, rounded up to blocks, plus one block for misalignment (never more
+        than the whole sequence). The one rule the paged runtime and the deploy memory plan both size with."""
+        if tokens_per_block <= 0 or max_seq_len <= 0 or step_tokens <= 0:
+            raise ConfigError(f"tokens_per_block ({tokens_per_block}), max_seq_len ({max_seq_len}) and step_tokens "
+                              f"({step_tokens}) must be positive")
+        full = math.ceil(max_seq_len / tokens_per_block)
+        if window is None:
+            return full
+        return min(full, math.ceil((window - 1 + step_tokens) / tokens_per_block) + 1)
+
     def kv_bytes_per_token(self, dtype: str = "bfloat16") -> dict[str, float]:
         """K+V bytes per token: ``pass1`` (full cache, grows with T) and ``pass2`` (window cache, only
         the last W tokens of a sequence are ever held), summed over all layers."""
