@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_checkpoint
 from loopref import forward
-from trtllm_loop.commands.logits import compute
+from trtllm_loop.conformance import compute
 
 TOL = 1e-4
 CASES = {

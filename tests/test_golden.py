@@ -6,7 +6,7 @@ import pytest
 
 from conftest import GOLDEN_CASES, golden, oracle_weights
 from loopref import forward
-from trtllm_loop.commands.logits import compute
+from trtllm_loop.conformance import compute
 
 TOL = 1e-4
 

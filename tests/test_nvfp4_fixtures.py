@@ -152,7 +152,7 @@ def _independent_dense_copy(quant: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["modelopt_nvfp4", "llmc_nvfp4"])
 def test_logits_on_export_equal_dequantized_model(name, tmp_path):
-    from trtllm_loop.commands.logits import compute
+    from trtllm_loop.conformance import compute
     ids = json.loads((FIX / "source" / "input_ids.json").read_text())
     dense = _independent_dense_copy(FIX / name, tmp_path / "dense")
     for mode in ("prefill", "decode", "paged"):
@@ -191,7 +191,7 @@ def test_modelopt_fp8_export_reads_within_fp8_error(source):
 
 def test_w4a4_emulation_hooks_every_quantized_linear():
     from trtllm_loop.modeling.load import load_model
-    from trtllm_loop.quantize.emulate import emulate_nvfp4_activations
+    from trtllm_loop.modeling.emulate import emulate_nvfp4_activations
     sd, scales = load_state_dict(FIX / "modelopt_nvfp4", return_input_scales=True)
     model = load_model(FIX / "modelopt_nvfp4")
     ids = torch.tensor([json.loads((FIX / "source" / "input_ids.json").read_text())])

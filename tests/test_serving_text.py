@@ -14,7 +14,7 @@ from conftest import require
 require("sentencepiece")
 
 from trtllm_loop.serving import textproc as lt  # noqa: E402
-from trtllm_loop.serving.tokenizer import write_tokenizer  # noqa: E402
+from trtllm_loop.synth.tokenizer import write_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

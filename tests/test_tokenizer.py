@@ -1,4 +1,4 @@
-"""Demo tokenizer written by `trtllm-loop synth` (trtllm_loop.serving.tokenizer)."""
+"""Demo tokenizer written by `trtllm-loop synth` (trtllm_loop.synth.tokenizer)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ require("sentencepiece")
 import transformers  # noqa: E402
 
 from trtllm_loop.errors import UserError  # noqa: E402
-from trtllm_loop.serving.tokenizer import NAMED_ADDED, NAMED_NONSPECIAL, write_tokenizer  # noqa: E402
+from trtllm_loop.synth.tokenizer import NAMED_ADDED, NAMED_NONSPECIAL, write_tokenizer  # noqa: E402
 
 TEXTS = ["Hello, world!", "def add(a, b):\n    return a + b\n", "héllo ✓ 你好 😀  double  space\ttab",
          "<|im_start|>user\nhi<|im_end|>\n"]

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from conftest import GOLDEN_CASES, golden, make_checkpoint
 from loopref import forward
 from trtllm_loop.cli import main
-from trtllm_loop.commands.logits import compute
+from trtllm_loop.conformance import compute
 from trtllm_loop.errors import UserError
 from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
 from trtllm_loop.trtllm.torch_backend import run_logits
@@ -131,7 +131,7 @@ def test_local_window_and_global_branch_in_isolation(tmp_path, gate_bias, overri
 def _reference(ckpt: str, ids: list[int], w4a4: bool) -> np.ndarray:
     from trtllm_loop.checkpoint import load_state_dict
     from trtllm_loop.modeling.load import load_model
-    from trtllm_loop.quantize.emulate import emulate_nvfp4_activations
+    from trtllm_loop.modeling.emulate import emulate_nvfp4_activations
 
     model = load_model(ckpt, "float32")
     _, scales = load_state_dict(ckpt, torch.float32, return_input_scales=True)

@@ -201,12 +201,6 @@ def unswizzle_block_scale(flat: torch.Tensor, n: int, kb: int) -> torch.Tensor:
     return out.view(flat.dtype) if flat.dtype != torch.uint8 else out
 
 
-def swizzle_offset(m: int, k: int, kb: int) -> int:
-    """Byte offset of scale ``[m, k]`` in the swizzled buffer (TRT-LLM ``get_sf_out_offset_128x4``)."""
-    nkt = _round_up(kb, 4) // 4
-    return (m // 128) * nkt * 512 + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
-
-
 # ---------------------------------------------------------------------------------------------- W4A4
 def fake_quant_activation(x: torch.Tensor, input_scale: torch.Tensor | float,
                           pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:

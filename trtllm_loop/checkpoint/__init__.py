@@ -1,6 +1,8 @@
-"""Checkpoint readers. ``load_state_dict`` is the one entry point every runtime uses: it returns dense
-HF-named weights in the requested dtype, whatever the on-disk format (dense HF, ModelOpt NVFP4 / NVFP4_AWQ /
-W4A16_NVFP4 / FP8, compressed-tensors NVFP4 / NVFP4A16)."""
+"""Checkpoint readers. :func:`load_checkpoint` is the one reader behind every runtime (the model loader
+``trtllm_loop.modeling.load.load_model`` calls it): dense HF-named weights in the requested dtype, whatever the
+on-disk format (dense HF, ModelOpt NVFP4 / NVFP4_AWQ / W4A16_NVFP4 / FP8, compressed-tensors NVFP4 / NVFP4A16),
+plus the static activation and KV scales. :func:`load_state_dict` is its dense-weights-only shorthand.
+The TensorRT-LLM adapter reads the tensors as stored (:func:`iter_tensors`): TRT-LLM dequantizes itself."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +11,7 @@ import torch
 
 from trtllm_loop.checkpoint.dequant import LoadedCheckpoint, load_checkpoint  # noqa: F401
 from trtllm_loop.checkpoint.formats import QuantInfo, detect_format  # noqa: F401
-from trtllm_loop.checkpoint.hf import iter_tensors, load_hf_state_dict, tensor_index, weight_map  # noqa: F401
+from trtllm_loop.checkpoint.hf import iter_tensors, tensor_index, weight_map  # noqa: F401
 
 
 def load_state_dict(ckpt: str | Path, dtype: torch.dtype = torch.float32, *, return_input_scales: bool = False):

@@ -80,6 +80,3 @@ def iter_tensors(ckpt: str | Path, names: list[str] | None = None) -> Iterator[t
     for n in sorted(names, key=lambda n: (str(idx[n].file), idx[n].start)):
         yield n, read_tensor(idx[n])
 
-
-def load_hf_state_dict(ckpt: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in iter_tensors(ckpt)}

@@ -33,7 +33,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from trtllm_loop.commands.logits import read_ids
+    from trtllm_loop.conformance import read_ids
     from trtllm_loop.quantize.convert import convert
 
     calib = read_ids(args.calib_ids) if args.calib_ids else None

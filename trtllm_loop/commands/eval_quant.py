@@ -31,7 +31,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from trtllm_loop.commands.logits import read_ids
+    from trtllm_loop.conformance import read_ids
     from trtllm_loop.quantize.evaluate import eval_quant
 
     files = [f for group in args.ids for f in group]

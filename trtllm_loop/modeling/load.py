@@ -68,7 +68,7 @@ def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32", emulate_a
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(dt).eval()
     if emulate_activations:
-        from trtllm_loop.quantize.emulate import emulate_nvfp4_activations
+        from trtllm_loop.modeling.emulate import emulate_nvfp4_activations
 
         emulate_nvfp4_activations(model, ck.input_scales, ck.pre_quant_scales)
     return model

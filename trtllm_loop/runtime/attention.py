@@ -27,10 +27,6 @@ class StepMetadata:
     past: list[int]
     new: list[int]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.new)
-
     def positions(self) -> torch.Tensor:
         return torch.cat([torch.arange(p, p + n) for p, n in zip(self.past, self.new)])
 

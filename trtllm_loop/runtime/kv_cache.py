@@ -13,7 +13,6 @@ group; a context chunk of C tokens holds its own positions and the W-1 before th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -61,13 +60,6 @@ class PagedKVCache:
         self.filled: dict[int, dict[int, int]] = {}  # seq -> slot -> positions written so far (debug check)
 
     # ------------------------------------------------------------ block bookkeeping
-    def blocks_for(self, window: int | None, length: int) -> int:
-        """Blocks a sequence of ``length`` tokens holds at rest in the group of ``window``."""
-        if window is None:
-            return math.ceil(length / self.tpb)
-        lo = max(0, length - window + 1)
-        return math.ceil(length / self.tpb) - lo // self.tpb if length else 0
-
     def add_sequence(self, seq: int) -> None:
         for g in self.groups.values():
             g.tables[seq] = []

@@ -113,7 +113,7 @@ def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: s
 
 def _run(root: Path, tllm, is_double: bool, dtype: str, tol: float, config, tp: int, seed: int, geometry: str,
          log) -> dict:
-    from trtllm_loop.commands.logits import compute
+    from trtllm_loop.conformance import compute
     from trtllm_loop.config import LoopConfig
     from trtllm_loop.trtllm.deploy import build, load_build_config
     import trtllm_loop.trtllm.torch_backend.modeling_iquest_loop  # noqa: F401  (what --custom_module_dirs imports)

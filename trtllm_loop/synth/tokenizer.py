@@ -24,7 +24,7 @@ from pathlib import Path
 
 from trtllm_loop.errors import UserError
 
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "tokenizer_corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "tokenizer_corpus.txt"
 
 BASE_SPECIAL = ["<unk>", "<s>", "</s>"]
 # 19 added tokens flagged special + 8 not special, like the released tokenizer (30 entries with the base 3)

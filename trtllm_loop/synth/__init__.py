@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from trtllm_loop.config import RELEASED_EOS, LoopConfig
 from trtllm_loop.errors import UserError
 from trtllm_loop.fsutil import atomic_dir
+from trtllm_loop.synth.tokenizer import write_tokenizer
 
 PRESETS: dict[str, dict] = {
     # CPU-fast, still GQA (group 2), window crossed after 16 tokens
@@ -89,15 +90,10 @@ def synthesize(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: 
         gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id),
                    "temperature": 0.6, "top_p": 0.85, "top_k": 20, "do_sample": True}
         if tokenizer and preset != "40b-shape":
-            try:
-                from trtllm_loop.serving.tokenizer import write_tokenizer
-            except ImportError:
-                write_tokenizer = None
-            if write_tokenizer is not None:
-                special = write_tokenizer(tmp, cfg.vocab_size)
-                conf.update(special)
-                gen_cfg.update({k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id")})
-                cfg = LoopConfig.from_dict(conf, source="synth")  # validate the tokenizer's ids
+            special = write_tokenizer(tmp, cfg.vocab_size)
+            conf.update(special)
+            gen_cfg.update({k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id")})
+            cfg = LoopConfig.from_dict(conf, source="synth")  # validate the tokenizer's ids
         n_shards = SHARDS[preset]
         bytes_per = torch.tensor([], dtype=tdt).element_size()
         if preset == "40b-shape":
