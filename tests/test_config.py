@@ -34,8 +34,8 @@ def test_slot_plan_interleaves_160_slots():
     c = LoopConfig.from_dict(RELEASED)
     plan = c.slot_plan()
     assert len(plan) == 160 == c.num_kv_slots
-    assert [(s.slot, s.layer, s.loop, s.window) for s in plan[:4]] == [(0, 0, 0, None), (1, 0, 1, 64),
-                                                                       (2, 1, 0, None), (3, 1, 1, 64)]
+    assert [(s.slot, s.layer, s.loop_pass, s.window) for s in plan[:4]] == [(0, 0, 1, None), (1, 0, 2, 64),
+                                                                            (2, 1, 1, None), (3, 1, 2, 64)]
     assert plan[159].layer == 79 and plan[159].window == 64
     assert c.slot_windows(8192) == [8192, 64] * 80
     assert c.window_pattern(32) == [32, 32]  # a window longer than max_seq_len is clamped like TRT-LLM does

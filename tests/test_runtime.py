@@ -90,17 +90,17 @@ def test_global_reappend_leaves_pass1_slot_unchanged(model):
     rt.cache.prepare(seq, 0, 6)
     backend = PagedBackend(rt.cache, meta, cfg, torch.float32)
     qkv = torch.randn(6, cfg.q_size + 2 * cfg.kv_size)
-    out1 = backend.attend(0, qkv, None)
+    out1 = backend.attend(0, qkv)
     k_before, v_before = rt.cache.read(0, seq, 0, 6)
     q2 = torch.randn(6, cfg.q_size)
-    backend.attend(0, torch.cat([q2, qkv[:, cfg.q_size:]], -1), None)  # the idempotent re-append
+    backend.attend(0, torch.cat([q2, qkv[:, cfg.q_size:]], -1))  # the idempotent re-append
     k_after, v_after = rt.cache.read(0, seq, 0, 6)
     assert torch.equal(k_before, k_after) and torch.equal(v_before, v_after)
     assert out1.shape == (6, cfg.num_attention_heads, cfg.head_dim)
     bad = qkv.clone()
     bad[:, cfg.q_size] += 1.0  # a different k1 would corrupt the pass-1 cache: debug mode refuses it
     with pytest.raises(AssertionError, match="re-append into slot 0"):
-        backend.attend(0, bad, None)
+        backend.attend(0, bad)
 
 
 def test_cancel_mid_generation_frees_blocks(model):

@@ -209,13 +209,13 @@ def test_forward_has_no_host_sync(monkeypatch):
 
     monkeypatch.setattr(backend.TrtllmAttention, "forward", kernel)
     from trtllm_loop.trtllm.torch_backend import modeling_iquest_loop as m
-    base = m.IQuestLoopCoderForCausalLM.forward
+    base = m.TrtllmLoopForCausalLM.forward
 
     def guarded(self, *a, **k):
         with _NoHostSync():
             return base(self, *a, **k)
 
-    monkeypatch.setattr(m.IQuestLoopCoderForCausalLM, "forward", guarded)
+    monkeypatch.setattr(m.TrtllmLoopForCausalLM, "forward", guarded)
     [got] = run_logits(d, [ids], chunk=8, tokens_per_block=4, prefill_len=20)
     assert maxdiff(got, expected) < TOL
     # the detector does fire
@@ -227,23 +227,33 @@ def test_forward_has_no_host_sync(monkeypatch):
             torch.arange(4)
 
 
-def test_rope_tables_equal_the_reference_rope():
-    """The device-resident RoPE tables of the gate equal the reference RoPE, also far beyond the golden lengths."""
+def test_gate_rope_tables_match_an_independent_float64_rope():
+    """The gate's device-resident RoPE tables (rotate-half layout, theta from config.json) against cos/sin computed
+    here in float64 from the RoPE definition, also far beyond the golden lengths: the fp32 angle error grows with
+    the position (ulp of pos * omega), so the tolerance does too; bf16 adds its rounding of values in [-1, 1]."""
     from tensorrt_llm._torch.model_config import ModelConfig
 
     from trtllm_loop.config import LoopConfig
-    from trtllm_loop.modeling.loop import rope_cos_sin
     from trtllm_loop.trtllm.torch_backend.config_view import IQuestLoopTrtllmConfig, to_view_dict
-    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import IQuestLoopCoderForCausalLM
+    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import TrtllmLoopForCausalLM
 
     d, _, _ = golden("s1_gqa4x2_w8_T29")
     cfg = LoopConfig.from_file(d)
-    model = IQuestLoopCoderForCausalLM(ModelConfig(pretrained_config=IQuestLoopTrtllmConfig(**to_view_dict(cfg, 64))))
-    pos = torch.tensor([[0, 1, 5, 17, 4095, 131071]])
-    for dt in (torch.float32, torch.bfloat16):
-        got = model.model.rope_tables(pos, dt)
-        want = rope_cos_sin(pos.reshape(-1), cfg.head_dim, cfg.rope_theta, dt)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    model = TrtllmLoopForCausalLM(ModelConfig(pretrained_config=IQuestLoopTrtllmConfig(**to_view_dict(cfg, 64))))
+    pos = np.array([0, 1, 5, 17, 4095, 131071])
+    D = cfg.head_dim
+    omega = cfg.rope_theta ** (-np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = pos[:, None] * omega[None, :]
+    want_cos, want_sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    angle_err = (pos[:, None] * 2.0 ** -23 * 4 + 1e-6)  # a few fp32 ulps of the angle, per row
+    for dt, value_err in ((torch.float32, 1e-6), (torch.bfloat16, 2.0 ** -8)):
+        cos, sin = model.model.rope_tables(torch.from_numpy(pos)[None], dt)
+        assert cos.dtype == sin.dtype == dt and tuple(cos.shape) == (len(pos), D)
+        for got, want in ((cos, want_cos), (sin, want_sin)):
+            err = np.abs(got.double().numpy() - want)
+            assert (err <= angle_err + value_err).all(), float(err.max())
+    # a wrong layout (interleaved pairs) or a wrong theta would be far outside these bounds
+    assert np.abs(want_cos[:, 1] - want_cos[:, D // 2]).max() > 0.1
 
 
 # ------------------------------------------------------------------------------------------ double fidelity
@@ -372,10 +382,10 @@ def test_pipeline_parallel_refused():
 
     from trtllm_loop.config import LoopConfig
     from trtllm_loop.trtllm.torch_backend.config_view import IQuestLoopTrtllmConfig, to_view_dict
-    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import IQuestLoopCoderForCausalLM
+    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import TrtllmLoopForCausalLM
 
     d, _, _ = golden("s2_mqa_w4_theta1e4_T8")
     pretrained = IQuestLoopTrtllmConfig(**to_view_dict(LoopConfig.from_file(d), 64))
     pp2 = SimpleNamespace(pp_size=2, tp_size=1, tp_rank=0, rank=0, enable_attention_dp=False)
     with pytest.raises(ValueError, match="tensor parallelism only"):
-        IQuestLoopCoderForCausalLM(ModelConfig(pretrained_config=pretrained, mapping=pp2))
+        TrtllmLoopForCausalLM(ModelConfig(pretrained_config=pretrained, mapping=pp2))

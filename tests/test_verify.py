@@ -32,7 +32,10 @@ def test_verify_tp2_from_a_target_config():
 def test_verify_detects_a_wrong_mix(monkeypatch, capsys):
     from trtllm_loop.trtllm.torch_backend import modeling_iquest_loop as m
 
-    monkeypatch.setattr(m, "mix", lambda g, glob, local: (1 - g) * glob + g * local)  # gate swapped
+    # a TRT-LLM-side fault (the shared schedule is not touched, so the reference stays right): the gate of
+    # every layer inverted, i.e. (1 - g) * global + g * local
+    gate = m.TrtllmGateProjection.forward
+    monkeypatch.setattr(m.TrtllmGateProjection, "forward", lambda self, q_rot: 1 - gate(self, q_rot))
     assert main(["verify"]) == 1
     assert "verify: FAIL" in capsys.readouterr().out
 

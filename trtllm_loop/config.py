@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,71 +37,72 @@ class ConfigError(UserError, ValueError):
 class SlotSpec:
     """One KV-cache layer ("slot") of the 2*L interleaved plan."""
 
-    slot: int          # KV layer index as TRT-LLM sees it
-    layer: int         # physical decoder layer whose weights produce the K/V
-    loop: int          # 0 = pass 1 (global cache), 1 = pass 2 (local cache)
+    slot: int           # KV layer index as TRT-LLM sees it
+    layer: int          # physical decoder layer whose weights produce the K/V
+    loop_pass: int      # 1 = pass 1 (the full cache), 2 = pass 2 local (the window cache)
     window: int | None  # None = full causal; else number of keys incl. the current token
 
 
-# field -> (python types, default); defaults are IQuestLoopCoderConfig's class defaults
-_FIELDS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "vocab_size": ((int,), 76800),
-    "hidden_size": ((int,), 5120),
-    "intermediate_size": ((int,), 27648),
-    "num_hidden_layers": ((int,), 80),
-    "num_attention_heads": ((int,), 40),
-    "num_key_value_heads": ((int, type(None)), 8),
-    "head_dim": ((int, type(None)), None),
-    "hidden_act": ((str,), "silu"),
-    "max_position_embeddings": ((int,), 8192),
-    "initializer_range": ((float, int), 0.02),
-    "rms_norm_eps": ((float, int), 1e-5),
-    "use_cache": ((bool,), True),
-    "rope_theta": ((float, int), 500000.0),
-    "rope_scaling": ((dict, type(None)), None),
-    "attention_bias": ((bool,), False),
-    "attention_dropout": ((float, int), 0.0),
-    "mlp_bias": ((bool,), False),
-    "tie_word_embeddings": ((bool,), False),
-    "loop_num": ((int,), 2),
-    "loop_window_size": ((int,), 64),
-    "bos_token_id": ((int, type(None)), 1),
-    "eos_token_id": ((int, list, tuple, type(None)), 2),
-    "pad_token_id": ((int, type(None)), None),
-    "torch_dtype": ((str, type(None)), None),
-}
+_NONE = type(None)
 _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "loop_window_size")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _field(default, *json_types: type, doc: str = ""):
+    """A config.json field: its default (the released model's value) and the JSON types it may have."""
+    return field(default=default, metadata={"json": json_types, "doc": doc})
+
+
 @dataclass(frozen=True)
 class LoopConfig:
-    vocab_size: int = 76800
-    hidden_size: int = 5120
-    intermediate_size: int = 27648
-    num_hidden_layers: int = 80
-    num_attention_heads: int = 40
-    num_key_value_heads: int = 8
-    head_dim: int = 128
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 8192
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-5
-    use_cache: bool = True
-    rope_theta: float = 500000.0
-    rope_scaling: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    loop_num: int = 2
-    loop_window_size: int = 64
-    bos_token_id: int | None = 1
-    eos_token_id: tuple[int, ...] = (2,)
-    pad_token_id: int | None = None
-    torch_dtype: str | None = None
+    """The config.json schema: every field, its default and its JSON types, in one place.
+
+    ``IQuestLoopCoderConfig`` (transformers) is derived from it; :meth:`from_dict` is the one validator.
+    Two fields are derived when config.json leaves them out or null: ``head_dim`` = hidden / heads and
+    ``num_key_value_heads`` = heads (MHA)."""
+
+    vocab_size: int = _field(76800, int)
+    hidden_size: int = _field(5120, int)
+    intermediate_size: int = _field(27648, int)
+    num_hidden_layers: int = _field(80, int, doc="physical layers; each runs twice")
+    num_attention_heads: int = _field(40, int)
+    num_key_value_heads: int = _field(8, int, _NONE, doc="null: num_attention_heads")
+    head_dim: int = _field(None, int, _NONE, doc="missing or null: hidden_size // num_attention_heads")
+    hidden_act: str = _field("silu", str)
+    max_position_embeddings: int = _field(8192, int)
+    initializer_range: float = _field(0.02, float, int)
+    rms_norm_eps: float = _field(1e-5, float, int)
+    use_cache: bool = _field(True, bool)
+    rope_theta: float = _field(500000.0, float, int)
+    rope_scaling: dict | None = _field(None, dict, _NONE)
+    attention_bias: bool = _field(False, bool)
+    attention_dropout: float = _field(0.0, float, int)
+    mlp_bias: bool = _field(False, bool)
+    tie_word_embeddings: bool = _field(False, bool)
+    loop_num: int = _field(2, int)
+    loop_window_size: int = _field(64, int, doc="keys of the pass-2 local window, the current one included")
+    bos_token_id: int | None = _field(1, int, _NONE)
+    eos_token_id: tuple[int, ...] = _field(2, int, list, tuple, _NONE, doc="one id or a list; stored as a tuple")
+    pad_token_id: int | None = _field(None, int, _NONE)
+    torch_dtype: str | None = _field(None, str, _NONE, doc='transformers >= 5 writes it as "dtype"')
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # keys we carry but do not use
+
+    def __post_init__(self):
+        # derived fields, so that a directly built LoopConfig(...) means what config.json means
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        eos = self.eos_token_id
+        if not isinstance(eos, tuple):
+            object.__setattr__(self, "eos_token_id", () if eos is None else (eos,) if isinstance(eos, int)
+                               else tuple(eos))
+
+    @classmethod
+    def schema(cls) -> dict[str, tuple[tuple[type, ...], Any]]:
+        """config.json field -> (allowed JSON types, default)."""
+        return {f.name: (f.metadata["json"], f.default) for f in fields(cls) if "json" in f.metadata}
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -114,14 +116,15 @@ class LoopConfig:
         archs = d.get("architectures")
         if archs is not None and (not isinstance(archs, list) or any(a != ARCHITECTURE for a in archs)):
             raise ConfigError(f"{source}: field 'architectures' is {archs!r}; allowed: [{ARCHITECTURE!r}]")
+        schema = cls.schema()
         vals: dict[str, Any] = {}
-        for name, (types, default) in _FIELDS.items():
+        for name, (types, default) in schema.items():
             v = d.get(name, default)
             if name == "torch_dtype" and v is None:
                 v = d.get("dtype")  # transformers >= 5 writes "dtype"
             ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
             if not ok:
-                allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                allowed = " or ".join("null" if t is _NONE else t.__name__ for t in types)
                 raise ConfigError(f"{source}: field {name!r} is {v!r} ({type(v).__name__}); expected {allowed}")
             vals[name] = v
         for name in _POSITIVE:
@@ -143,29 +146,25 @@ class LoopConfig:
             if vals[name]:
                 raise ConfigError(f"{source}: field {name!r} is true; allowed: false (the Loop architecture "
                                   "has bias-free projections)")
-        if vals["num_key_value_heads"] is None:
-            vals["num_key_value_heads"] = vals["num_attention_heads"]
-        h, hkv = vals["num_attention_heads"], vals["num_key_value_heads"]
+        h = vals["num_attention_heads"]
+        hkv = h if vals["num_key_value_heads"] is None else vals["num_key_value_heads"]
         if hkv <= 0 or h % hkv:
             raise ConfigError(f"{source}: field 'num_key_value_heads' is {hkv}; it must divide "
                               f"num_attention_heads = {h} (allowed: {[x for x in range(1, h + 1) if h % x == 0]})")
-        if vals["head_dim"] is None:
-            if vals["hidden_size"] % h:
-                raise ConfigError(f"{source}: field 'head_dim' is missing and hidden_size {vals['hidden_size']} "
-                                  f"is not divisible by num_attention_heads {h}; set 'head_dim' explicitly")
-            vals["head_dim"] = vals["hidden_size"] // h
-        if vals["head_dim"] <= 0 or vals["head_dim"] % 2:
-            raise ConfigError(f"{source}: field 'head_dim' is {vals['head_dim']}; it must be a positive even "
+        if vals["head_dim"] is None and vals["hidden_size"] % h:
+            raise ConfigError(f"{source}: field 'head_dim' is missing and hidden_size {vals['hidden_size']} "
+                              f"is not divisible by num_attention_heads {h}; set 'head_dim' explicitly")
+        head_dim = vals["hidden_size"] // h if vals["head_dim"] is None else vals["head_dim"]
+        if head_dim <= 0 or head_dim % 2:
+            raise ConfigError(f"{source}: field 'head_dim' is {head_dim}; it must be a positive even "
                               "integer (rotate-half RoPE pairs dims i and i + head_dim/2)")
         if vals["rms_norm_eps"] <= 0 or vals["rope_theta"] <= 0:
             raise ConfigError(f"{source}: fields 'rms_norm_eps' and 'rope_theta' must be > 0")
         eos = vals["eos_token_id"]
-        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-        for e in eos:
+        for e in () if eos is None else (eos,) if isinstance(eos, int) else eos:
             if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < vals["vocab_size"]:
                 raise ConfigError(f"{source}: field 'eos_token_id' has {e!r}; each id must be an integer in "
                                   f"[0, vocab_size={vals['vocab_size']})")
-        vals["eos_token_id"] = eos
         for name in ("bos_token_id", "pad_token_id"):
             v = vals[name]
             if v is not None and not 0 <= v < vals["vocab_size"]:
@@ -174,11 +173,9 @@ class LoopConfig:
         dt = vals["torch_dtype"]
         if dt is not None and dt not in _DTYPES:
             raise ConfigError(f"{source}: field 'torch_dtype' is {dt!r}; allowed: {list(_DTYPES)}")
-        vals["rms_norm_eps"] = float(vals["rms_norm_eps"])
-        vals["rope_theta"] = float(vals["rope_theta"])
-        vals["initializer_range"] = float(vals["initializer_range"])
-        vals["attention_dropout"] = float(vals["attention_dropout"])
-        extra = {k: v for k, v in d.items() if k not in _FIELDS and k not in ("model_type", "dtype")}
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range", "attention_dropout"):
+            vals[name] = float(vals[name])
+        extra = {k: v for k, v in d.items() if k not in schema and k not in ("model_type", "dtype")}
         return cls(**vals, extra=extra)
 
     @classmethod
@@ -234,6 +231,15 @@ class LoopConfig:
                               f"({self.num_attention_heads}) and divide or be a multiple of num_key_value_heads "
                               f"({self.num_key_value_heads}); allowed: {self.tp_sizes()}")
 
+    def per_rank(self, tp: int) -> "LoopConfig":
+        """The head layout one of ``tp`` tensor-parallel ranks computes: query heads split evenly, KV heads
+        split evenly or (more ranks than KV heads) one replicated KV head per rank, as TRT-LLM's attention
+        module does (``-(-Hkv // tp)``, ``tensorrt_llm/_torch/modules/attention.py``)."""
+        if tp == 1:
+            return self
+        return replace(self, num_attention_heads=self.num_attention_heads // tp,
+                       num_key_value_heads=-(-self.num_key_value_heads // tp))
+
     # ------------------------------------------------------------------ slot plan
     @staticmethod
     def pass1_slot(layer: int) -> int:
@@ -243,17 +249,28 @@ class LoopConfig:
     def pass2_slot(layer: int) -> int:
         return 2 * layer + 1
 
-    def slot_plan(self) -> list[SlotSpec]:
-        """The 2L interleaved KV slots: (2l: pass 1, full), (2l+1: pass 2 local, window W)."""
+    @cached_property
+    def _plan(self) -> tuple[SlotSpec, ...]:
         plan = []
         for layer in range(self.num_hidden_layers):
-            plan.append(SlotSpec(self.pass1_slot(layer), layer, 0, None))
-            plan.append(SlotSpec(self.pass2_slot(layer), layer, 1, self.loop_window_size))
-        return plan
+            plan.append(SlotSpec(self.pass1_slot(layer), layer, 1, None))
+            plan.append(SlotSpec(self.pass2_slot(layer), layer, 2, self.loop_window_size))
+        return tuple(plan)
+
+    def slot_plan(self) -> list[SlotSpec]:
+        """The 2L interleaved KV slots: (2l: pass 1, full), (2l+1: pass 2 local, window W)."""
+        return list(self._plan)
+
+    def slot_window(self, slot: int) -> int | None:
+        """The attention window of KV slot ``slot``: None (full causal) or W keys including the current one.
+        Every attention backend reads it here; nobody passes a window along with a call."""
+        return self._plan[slot].window
 
     def slot_windows(self, max_seq_len: int) -> list[int]:
-        """Per-slot attention window, as TRT-LLM's ``max_attention_window`` (full slots get max_seq_len)."""
-        return [max_seq_len if s.window is None else min(s.window, max_seq_len) for s in self.slot_plan()]
+        """Per-slot windows as TRT-LLM's ``max_attention_window`` wants them: numbers only, so "full" becomes
+        ``max_seq_len`` (and a window longer than that is clamped, as TRT-LLM does). Only the TRT-LLM and
+        Triton writers use this spelling; inside the project "full" is None."""
+        return [max_seq_len if s.window is None else min(s.window, max_seq_len) for s in self._plan]
 
     def window_pattern(self, max_seq_len: int) -> list[int]:
         """The repeating 2-element pattern ``[max_seq_len, W]`` TRT-LLM expands over the 2L slots."""

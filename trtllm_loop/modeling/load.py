@@ -10,6 +10,7 @@ import torch
 
 from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
+from trtllm_loop.modeling.emulate import emulate_nvfp4_activations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,10 +58,8 @@ def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32", emulate_a
         raise UserError(f"{ckpt}: --emulate-activations nvfp4 needs the static activation scales (input_scale) of a "
                         "W4A4 NVFP4 export; this checkpoint has none (dense or weight-only)")
     check_state_dict(cfg, sd, str(ckpt))
-    hf_cfg = IQuestLoopCoderConfig(**{k: v for k, v in cfg.to_dict().items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
     with torch.device("meta"):
-        model = IQuestLoopCoderForCausalLM(hf_cfg)
+        model = IQuestLoopCoderForCausalLM(IQuestLoopCoderConfig.from_loop_config(cfg))
     if cfg.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
@@ -68,7 +67,5 @@ def load_model(ckpt: str | Path, dtype: str | torch.dtype = "float32", emulate_a
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(dt).eval()
     if emulate_activations:
-        from trtllm_loop.modeling.emulate import emulate_nvfp4_activations
-
         emulate_nvfp4_activations(model, ck.input_scales, ck.pre_quant_scales)
     return model

@@ -11,21 +11,26 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trtllm_loop.modeling.configuration import IQuestLoopCoderConfig
-from trtllm_loop.modeling.loop import (apply_rope, attention_core, loop_forward, rope_cos_sin, split_qkv,
-                                      window_mask)
+from trtllm_loop.modeling.loop import loop_forward
+from trtllm_loop.modeling.ops import apply_rope, attention_core, gate, rms_norm, rope_cos_sin, split_qkv, window_mask
 
 DEBUG = os.environ.get("TRTLLM_LOOP_DEBUG", "0") not in ("", "0")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GateProjection(nn.Module):
@@ -35,6 +40,10 @@ class GateProjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(heads, head_dim))
         self.bias = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, q_rot: torch.Tensor) -> torch.Tensor:
+        """q_rot ``[..., H, D]`` (post-RoPE pass-2 query) -> g ``[..., H, 1]``."""
+        return gate(q_rot, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -56,25 +65,37 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """The layer protocol of :func:`~trtllm_loop.modeling.loop.loop_forward`: ``qkv`` and ``finish``."""
+
     def __init__(self, cfg):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def qkv(self, h: torch.Tensor) -> torch.Tensor:
+        """Fused pre-RoPE ``q|k|v`` of the input norm of h."""
+        a, attn = self.input_layernorm(h), self.self_attn
+        return torch.cat([attn.q_proj(a), attn.k_proj(a), attn.v_proj(a)], dim=-1)
+
+    def finish(self, h: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Residual + o_proj of the token-major head concat, then the SwiGLU MLP block."""
+        h = h + self.self_attn.o_proj(heads.flatten(-2))
+        a, mlp = self.post_attention_layernorm(h), self.mlp
+        return h + mlp.down_proj(F.silu(mlp.gate_proj(a)) * mlp.up_proj(a))
 
 
 class LoopCache:
     """Decode state of a batch: per layer the full pass-1 K/V and a ring of the last W pass-2 K/V.
 
     Tensors are post-RoPE, ``[B, T, Hkv, D]``. ``k1[l]`` grows with the sequence; ``k2[l]`` never holds more
-    than ``window`` tokens (the oldest is dropped when a new one arrives), which is all pass 2 ever reads.
+    than the window slot's W tokens (the oldest is dropped when a new one arrives), which is all pass 2 reads.
     """
 
     is_compileable = False  # transformers' generate asks before choosing torch.compile
 
-    def __init__(self, num_layers: int, window: int):
-        self.window = window
+    def __init__(self, num_layers: int):
         self.k1: list[torch.Tensor | None] = [None] * num_layers
         self.v1: list[torch.Tensor | None] = [None] * num_layers
         self.k2: list[torch.Tensor | None] = [None] * num_layers
@@ -112,12 +133,12 @@ class ContiguousBackend:
     def rope_q(self, q):
         return apply_rope(q, self.cos, self.sin)
 
-    def attend(self, slot: int, qkv, window):
-        layer, loop = divmod(slot, 2)
+    def attend(self, slot: int, qkv):
+        layer, window = slot // 2, self.cfg.slot_window(slot)
         q, k, v = split_qkv(qkv, self.cfg)
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         c = self.cache
-        if loop == 0:  # full slot: append at [past, past+T) unless this step already wrote it (re-append)
+        if window is None:  # full slot: append at [past, past+T) unless this step already wrote it (re-append)
             stored = c.k1[layer]
             n = 0 if stored is None else stored.shape[1]
             if n == self.past:
@@ -134,7 +155,7 @@ class ContiguousBackend:
             ring_k, ring_v = c.k2[layer], c.v2[layer]
             keys = k if ring_k is None else torch.cat([ring_k, k], 1)
             vals = v if ring_v is None else torch.cat([ring_v, v], 1)
-            c.k2[layer], c.v2[layer] = keys[:, -c.window:], vals[:, -c.window:]
+            c.k2[layer], c.v2[layer] = keys[:, -window:], vals[:, -window:]
         k_idx = torch.arange(self.past + self.T - keys.shape[1], self.past + self.T, device=q.device)
         allowed = window_mask(self.q_idx, k_idx, window)[None].expand(q.shape[0], -1, -1)
         if self.key_valid is not None:  # padding: a pad key is never attended, except by itself
@@ -170,7 +191,7 @@ class IQuestLoopCoderModel(IQuestLoopCoderPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.gate_projections = nn.ModuleList(
             GateProjection(c.num_attention_heads, c.head_dim) for _ in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -184,8 +205,7 @@ class IQuestLoopCoderModel(IQuestLoopCoderPreTrainedModel):
         """input_ids ``[B, T]`` (the tokens not yet in the cache) -> (hidden ``[B, T, hidden]``, cache)."""
         c = self.loop_config
         B, T = input_ids.shape
-        cache = past_key_values if past_key_values is not None else LoopCache(c.num_hidden_layers,
-                                                                            c.loop_window_size)
+        cache = past_key_values if past_key_values is not None else LoopCache(c.num_hidden_layers)
         past = cache.seen
         key_valid = None
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -243,7 +263,7 @@ class IQuestLoopCoderForCausalLM(IQuestLoopCoderPreTrainedModel, GenerationMixin
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             c = self.model.loop_config
-            model_kwargs["past_key_values"] = LoopCache(c.num_hidden_layers, c.loop_window_size)
+            model_kwargs["past_key_values"] = LoopCache(c.num_hidden_layers)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       use_cache=True, **kwargs):

@@ -5,7 +5,7 @@ packed batch of tokens (no padding; per-sequence lengths in the metadata), **fus
 inside, appends the new K/V to the layer's paged cache at the positions the metadata gives, then attends the
 queries over that cache (windowed when ``attention_window_size`` is set: W keys including the current one).
 :class:`PagedBackend` is that op, for the loop model's slots; :func:`trtllm_loop.modeling.loop.loop_forward`
-drives it exactly as the TRT-LLM adapter drives the real op.
+drives it exactly as it drives the real op inside the TRT-LLM model.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from trtllm_loop.config import LoopConfig
-from trtllm_loop.modeling.loop import apply_rope, attention_core, rope_cos_sin, split_qkv, window_mask
+from trtllm_loop.modeling.ops import apply_rope, attention_core, rope_cos_sin, split_qkv, window_mask
 from trtllm_loop.runtime.kv_cache import PagedKVCache
 
 
@@ -38,7 +38,8 @@ class StepMetadata:
 
 
 class PagedBackend:
-    """``attend(slot, qkv, window)`` on packed tokens: fused pre-RoPE qkv ``[N, q_size + 2 * kv_size]``."""
+    """``attend(slot, qkv)`` on packed tokens: fused pre-RoPE qkv ``[N, q_size + 2 * kv_size]``; the slot's
+    window comes from the slot plan."""
 
     def __init__(self, cache: PagedKVCache, meta: StepMetadata, cfg: LoopConfig, dtype: torch.dtype):
         self.cache, self.meta, self.cfg = cache, meta, cfg
@@ -47,7 +48,8 @@ class PagedBackend:
     def rope_q(self, q: torch.Tensor) -> torch.Tensor:
         return apply_rope(q, self.cos, self.sin)
 
-    def attend(self, slot: int, qkv: torch.Tensor, window: int | None) -> torch.Tensor:
+    def attend(self, slot: int, qkv: torch.Tensor) -> torch.Tensor:
+        window = self.cfg.slot_window(slot)
         q, k, v = split_qkv(qkv, self.cfg)
         q, k = self.rope_q(q), apply_rope(k, self.cos, self.sin)
         out = torch.empty_like(q)

@@ -9,7 +9,6 @@ and leave as soon as they finish, so sequences of different lengths share every 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,11 +61,11 @@ class LoopRuntime:
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
         self.chunk_size = chunk_size or max_num_tokens
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
-        W, tpb = cfg.loop_window_size, tokens_per_block
         if num_blocks is None:  # enough for max_batch_size sequences of max_seq_len: the scheduler never waits on KV
-            num_blocks = {None: max_batch_size * math.ceil(self.max_seq_len / tpb),
-                          W: max_batch_size * (math.ceil((W - 1 + self.chunk_size) / tpb) + 1)}
-        self.cache = PagedKVCache(cfg, tpb, num_blocks, self.dtype, model.lm_head.weight.device, debug=debug)
+            num_blocks = {w: max_batch_size * cfg.pool_blocks_per_sequence(w, tokens_per_block, self.max_seq_len,
+                                                                           self.chunk_size)
+                          for w in {s.window for s in cfg.slot_plan()}}
+        self.cache = PagedKVCache(cfg, tokens_per_block, num_blocks, self.dtype, model.lm_head.weight.device, debug=debug)
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
         self.cancelled: list[_Request] = []
@@ -95,7 +94,7 @@ class LoopRuntime:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         rid = next(self._ids) if request_id is None else request_id
-        need = math.ceil(min(len(prompt) + params.max_tokens, self.max_seq_len) / self.cache.tpb)
+        need = self.cfg.pool_blocks_per_sequence(None, self.cache.tpb, min(len(prompt) + params.max_tokens, self.max_seq_len))
         if need > self.cache.groups[None].num_blocks:
             raise ValueError(f"request needs {need} KV blocks; the pool has {self.cache.groups[None].num_blocks}")
         r = _Request(rid, prompt, params, len(prompt) if prefill_len is None else prefill_len, return_logits,

@@ -66,7 +66,7 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
 
     from trtllm_loop.checkpoint import iter_tensors
     from trtllm_loop.trtllm.torch_backend.config_view import IQuestLoopTrtllmConfig, to_view_dict
-    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import IQuestLoopCoderForCausalLM
+    from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import TrtllmLoopForCausalLM
 
     ckpt = Path(ckpt)
     try:
@@ -103,7 +103,7 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
         mapping = Mapping(world_size=tp_size, tp_size=tp_size, rank=r)
         model_config = ModelConfig(pretrained_config=pretrained, mapping=mapping, quant_config=quant,
                                    attn_backend="TRTLLM", max_num_tokens=max_num_tokens)
-        model = IQuestLoopCoderForCausalLM(model_config).to(device)
+        model = TrtllmLoopForCausalLM(model_config).to(device)
         model.load_weights(weights)
         model.eval()
         kv_cache_config = KvCacheConfig(max_tokens=len(seqs) * max_seq_len, enable_block_reuse=False,

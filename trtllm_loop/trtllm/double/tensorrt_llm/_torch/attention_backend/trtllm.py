@@ -80,5 +80,5 @@ class TrtllmAttention(AttentionBackend[TrtllmAttentionMetadata]):
             # the real kernel would silently attend over a window its cache blocks do not hold
             raise ValueError(f"layer {self.layer_idx}: attention_window_size {attention_window_size} disagrees with "
                              f"the KV cache's max_attention_window {kv_window} for this layer")
-        out = self._paged(metadata, q.dtype).attend(slot, q, None if window >= mgr.max_seq_len else window)
+        out = self._paged(metadata, q.dtype).attend(slot, q)  # the cache's window for this layer, checked above
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

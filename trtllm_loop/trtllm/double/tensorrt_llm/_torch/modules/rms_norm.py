@@ -1,5 +1,5 @@
 """Mimics ``tensorrt_llm/_torch/modules/rms_norm.py`` ``RMSNorm`` (non-flashinfer path: fp32 normalisation, cast
-back, times the weight), via the project's reference :func:`trtllm_loop.modeling.loop.rms_norm`."""
+back, times the weight), via the project's reference :func:`trtllm_loop.modeling.ops.rms_norm`."""
 from typing import Optional
 
 import torch
@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor, residual=...):
-        from trtllm_loop.modeling.loop import rms_norm
+        from trtllm_loop.modeling.ops import rms_norm
         if isinstance(residual, torch.Tensor):
             hidden_states = hidden_states + residual
             residual = hidden_states
