@@ -72,3 +72,41 @@ def test_save_pretrained_round_trip(tmp_path, tiny_ckpt):
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_config_without_head_dim_means_the_same_on_every_path(tmp_path):
+    """head_dim left out of config.json is hidden / heads (64 / 4 = 16) through load_model and through
+    AutoModelForCausalLM alike; the two models are the same, and so are their logits."""
+    import json
+
+    from conftest import make_checkpoint
+    from loopref import forward
+    from trtllm_loop.modeling.load import load_model
+
+    d, conf, w = make_checkpoint(tmp_path / "nohd", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=16)
+    del conf["head_dim"]
+    (d / "config.json").write_text(json.dumps(conf))
+    assert AutoConfig.from_pretrained(d).head_dim == 16
+    a = load_model(d, "float32")
+    b = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
+    ids = [5, 17, 3, 88, 41, 9, 12, 60, 2, 33, 7]
+    with torch.no_grad():
+        la, lb = a(torch.tensor([ids])).logits[0].numpy(), b(torch.tensor([ids])).logits[0].numpy()
+    assert np.array_equal(la, lb)
+    assert np.abs(la - forward(conf, w, ids)).max() < 1e-4  # and they are right (the oracle derives D = 64 / 4)
+
+
+def test_transformers_config_is_derived_from_the_schema():
+    """Every LoopConfig field has the same default in IQuestLoopCoderConfig, and bad values are refused there too."""
+    from trtllm_loop.config import ConfigError, LoopConfig
+    from trtllm_loop.modeling import IQuestLoopCoderConfig
+
+    hf, ours = IQuestLoopCoderConfig(), LoopConfig()
+    assert hf.to_loop_config() == ours
+    assert IQuestLoopCoderConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=None).head_dim == 16
+    with pytest.raises(ConfigError, match="'loop_window_size' is 0"):
+        IQuestLoopCoderConfig(loop_window_size=0)

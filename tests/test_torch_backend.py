@@ -239,7 +239,7 @@ def test_gate_rope_tables_match_an_independent_float64_rope():
 
     d, _, _ = golden("s1_gqa4x2_w8_T29")
     cfg = LoopConfig.from_file(d)
-    model = TrtllmLoopForCausalLM(ModelConfig(pretrained_config=IQuestLoopTrtllmConfig(**to_view_dict(cfg, 64))))
+    model = TrtllmLoopForCausalLM(ModelConfig(pretrained_config=IQuestLoopTrtllmConfig(**to_view_dict(cfg))))
     pos = np.array([0, 1, 5, 17, 4095, 131071])
     D = cfg.head_dim
     omega = cfg.rope_theta ** (-np.arange(0, D, 2, dtype=np.float64) / D)
@@ -352,9 +352,9 @@ def test_config_view_round_trip_and_errors():
 
     d, _, _ = golden("s3_gatebias2_g5_w8_T24")
     cfg = LoopConfig.from_file(d)
-    view = to_view_dict(cfg, 4096)
+    view = to_view_dict(cfg)
     assert view["num_hidden_layers"] == 4 and view["num_unique_layers"] == 2
-    assert view["kv_layer_windows"] == [4096, 8]
+    assert not any("window" in k for k in view if k != "loop_window_size")  # windows: the slot plan only
     assert loop_config_from_view(IQuestLoopTrtllmConfig(**view)) == cfg == loop_config_from_view(view)
     with pytest.raises(ValueError, match="not a trtllm-loop deploy view"):
         loop_config_from_view(cfg.to_dict())
@@ -385,7 +385,7 @@ def test_pipeline_parallel_refused():
     from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import TrtllmLoopForCausalLM
 
     d, _, _ = golden("s2_mqa_w4_theta1e4_T8")
-    pretrained = IQuestLoopTrtllmConfig(**to_view_dict(LoopConfig.from_file(d), 64))
+    pretrained = IQuestLoopTrtllmConfig(**to_view_dict(LoopConfig.from_file(d)))
     pp2 = SimpleNamespace(pp_size=2, tp_size=1, tp_rank=0, rank=0, enable_attention_dp=False)
     with pytest.raises(ValueError, match="tensor parallelism only"):
         TrtllmLoopForCausalLM(ModelConfig(pretrained_config=pretrained, mapping=pp2))

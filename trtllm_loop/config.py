@@ -142,6 +142,7 @@ class LoopConfig:
                                float(rs.get("factor", 1.0)) != 1.0):
             raise ConfigError(f"{source}: field 'rope_scaling' is {rs!r}; allowed: null or "
                               "{'rope_type': 'default'} (the Loop models use plain RoPE, no scaling)")
+        vals["rope_scaling"] = None  # plain RoPE however spelt (transformers >= 5 writes its rope_parameters here)
         for name in ("attention_bias", "mlp_bias"):
             if vals[name]:
                 raise ConfigError(f"{source}: field {name!r} is true; allowed: false (the Loop architecture "

@@ -398,7 +398,7 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         hf_cfg = json.loads((ckpt / "config.json").read_text())
         from trtllm_loop.trtllm.torch_backend.config_view import to_view_dict
         extra = {"quantization_config": hf_cfg["quantization_config"]} if "quantization_config" in hf_cfg else {}
-        (tmp / "config.json").write_text(json.dumps(to_view_dict(cfg, bc.max_seq_len, extra), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(to_view_dict(cfg, extra), indent=2) + "\n")
         (tmp / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         for f in files:
             _link_or_copy(f, tmp / f.name, weights)

@@ -26,15 +26,15 @@ class IQuestLoopTrtllmConfig(PretrainedConfig):
 AutoConfig.register(VIEW_MODEL_TYPE, IQuestLoopTrtllmConfig, exist_ok=True)
 
 
-def to_view_dict(cfg: LoopConfig, max_seq_len: int, extra: dict | None = None) -> dict:
-    """HF config -> deploy view: 2L KV layers, L physical layers, per-slot windows spelled out."""
+def to_view_dict(cfg: LoopConfig, extra: dict | None = None) -> dict:
+    """HF config -> deploy view: 2L KV layers, L physical layers. The per-slot windows are not part of it: the
+    model reads them from the slot plan, TRT-LLM's KV cache from ``kv_cache_config.max_attention_window``."""
     d = cfg.to_dict()
     d.update({
         "architectures": [ARCHITECTURE],
         "model_type": VIEW_MODEL_TYPE,
         "num_hidden_layers": cfg.num_kv_slots,
         "num_unique_layers": cfg.num_hidden_layers,
-        "kv_layer_windows": cfg.window_pattern(max_seq_len),
         "hf_model_type": MODEL_TYPE,
     })
     d.update(extra or {})
@@ -52,7 +52,7 @@ def loop_config_from_view(pretrained_config) -> LoopConfig:
                          f"({d['num_unique_layers']}): one pass-1 and one pass-2 KV layer per decoder layer")
     d["num_hidden_layers"] = d.pop("num_unique_layers")
     d["model_type"] = d.pop("hf_model_type", MODEL_TYPE)
-    for k in ("kv_layer_windows", "transformers_version", "quantization_config", "_name_or_path"):
+    for k in ("transformers_version", "quantization_config", "_name_or_path"):
         d.pop(k, None)
     dtype = d.pop("dtype", None)  # transformers >= 5 spells torch_dtype "dtype"
     dtype = d.get("torch_dtype") or dtype

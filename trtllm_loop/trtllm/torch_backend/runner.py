@@ -89,7 +89,7 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
     device = torch.device("cpu") if is_double else torch.device("cuda")
     max_seq_len = max(len(s) for s in seqs)
     max_num_tokens = chunk * len(seqs)
-    view = to_view_dict(cfg, max_seq_len, {"torch_dtype": dtype})
+    view = to_view_dict(cfg, {"torch_dtype": dtype})
     view.pop("dtype", None)
     pretrained = IQuestLoopTrtllmConfig(**view)
     quant = quant_config_for(ckpt)
