@@ -16,16 +16,23 @@ from trtllm_loop.config import LoopConfig
 from trtllm_loop.synth import random_weights
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("TRTLLM_LOOP_GOLDEN", REPO.parent / "shared" / "golden"))
-GOLDEN_CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "expected_logits.npy").is_file()) \
-    if GOLDEN.is_dir() else []
-if not GOLDEN_CASES:
-    raise RuntimeError(f"golden cases not found at {GOLDEN}: check out shared/ beside the repository or set "
-                       "TRTLLM_LOOP_GOLDEN")
+# the golden cases ship with the tests (a copy of shared/golden); the shared folder, when it is beside the
+# repository (CI) or named by TRTLLM_LOOP_GOLDEN, may add cases of its own
+GOLDEN = REPO / "tests" / "data" / "golden"
+SHARED_GOLDEN = Path(os.environ.get("TRTLLM_LOOP_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+def _cases(d: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(d.iterdir()) if (p / "expected_logits.npy").is_file()} if d.is_dir() else {}
+
+
+_GOLDEN_DIRS = {**_cases(SHARED_GOLDEN), **_cases(GOLDEN)}  # the repository's copy wins for a shared name
+GOLDEN_CASES = sorted(_GOLDEN_DIRS)
+assert _cases(GOLDEN), f"{GOLDEN}: the golden cases shipped with the tests are missing"
 
 
 def golden(name: str):
-    d = GOLDEN / name
+    d = _GOLDEN_DIRS[name]
     return d, json.loads((d / "input_ids.json").read_text()), np.load(d / "expected_logits.npy")
 
 

@@ -4,11 +4,22 @@ import json
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_CASES, golden, oracle_weights
+from conftest import GOLDEN, GOLDEN_CASES, IN_CI, SHARED_GOLDEN, golden, oracle_weights
 from loopref import forward
 from trtllm_loop.conformance import compute
 
 TOL = 1e-4
+
+
+def test_shipped_golden_copy_equals_shared():
+    """tests/data/golden is a byte-for-byte copy of shared/golden (where that folder is beside the repository)."""
+    if not SHARED_GOLDEN.is_dir():
+        assert not IN_CI, f"CI runs with shared/ beside the repository; {SHARED_GOLDEN} is missing"
+        pytest.skip(f"{SHARED_GOLDEN} not beside this clone: nothing to compare the shipped copy with")
+    shipped = sorted(p.relative_to(GOLDEN) for p in GOLDEN.rglob("*") if p.is_file() and p.name != "README.md")
+    assert len(shipped) == 15  # 3 cases x (config, weights, ids, logits, case.json)
+    for rel in shipped:
+        assert (GOLDEN / rel).read_bytes() == (SHARED_GOLDEN / rel).read_bytes(), f"{rel} differs from shared/golden"
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
