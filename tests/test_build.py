@@ -22,6 +22,12 @@ FIX = REPO / "tests" / "fixtures" / "nvfp4"
 CONFIGS = sorted((REPO / "build_configs").glob("*.yaml"))
 CKPT_FOR = {"nvfp4": FIX / "modelopt_nvfp4", "fp8": FIX / "modelopt_fp8"}
 DOUBLE = REPO / "trtllm_loop" / "trtllm" / "double"
+# NVFP4 GEMM backends each target must hand TRT-LLM, from the reasons given in its build config: SM100 runs all
+# three; SM120 (RTX PRO 6000) the validated CUTLASS tiles with cuBLASLt as fallback, its CUDA-core GEMV not yet
+# checked; SM121 (GB10) cuBLASLt only, since CUTLASS's SM120 tiles exceed its shared memory (TRT-LLM #11368).
+# The Hopper targets deploy FP8 (no FP4 tensor cores), so no NVFP4 GEMM config at all.
+EXPECTED_NVFP4_GEMM = {"b200": ["cutlass", "cublaslt", "cuda_core"], "rtx-pro-6000": ["cutlass", "cublaslt"],
+                       "gb10": ["cublaslt"], "h100-fp8": None, "h200-fp8": None}
 
 
 def test_every_target_has_a_config():
@@ -61,9 +67,12 @@ def test_deploy_dir_is_complete_and_its_yaml_loads(deployed):
     assert kv["free_gpu_memory_fraction"] == bc.free_gpu_memory_fraction
     assert opts["cuda_graph_config"]["enable_padding"] is True
     assert max(opts["cuda_graph_config"]["batch_sizes"]) <= opts["max_batch_size"]
-    if info["weight_format"] == "nvfp4":
+    expected = EXPECTED_NVFP4_GEMM[bc.target]
+    assert (info["weight_format"] == "nvfp4") == (expected is not None)
+    if expected is not None:
         backends = opts["nvfp4_gemm_config"]["allowed_backends"]
-        assert backends == (["cublaslt"] if bc.sm == 121 else backends) and backends
+        assert backends == expected and backends
+        assert bc.sm != 121 or "cutlass" not in backends
     else:
         assert "nvfp4_gemm_config" not in opts
     model_yaml = yaml.safe_load((out / "triton_repo/tensorrt_llm/1/model.yaml").read_text())
@@ -159,7 +168,7 @@ def test_existing_out_needs_force(tmp_path):
 def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     def boom(dst):
         raise OSError("disk full")
-    monkeypatch.setattr(deploy, "_copy_package", boom)
+    monkeypatch.setattr(deploy.writer, "_copy_package", boom)
     with pytest.raises(OSError):
         build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
