@@ -20,9 +20,10 @@ def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fm
     """Bytes per GPU and the VSWA pool split (``TRTLLM_WINDOW_SIZE_SHARES``, ascending window order).
 
     Both window groups have L layers and the same bytes per token per layer, so the split is the ratio of
-    tokens each group must hold per sequence: ``max_seq_len`` for the full group, and for the window group
-    the window rounded up to blocks plus one block (a decode step holds ``ceil(W / tpb) + 1`` blocks before
-    the out-of-window block is released)."""
+    tokens each group must hold per sequence (:meth:`LoopConfig.pool_blocks_per_sequence`, the rule the paged
+    runtime sizes with): ``max_seq_len`` for the full group, and for the window group the window rounded up to
+    blocks plus one block (a decode step holds ``ceil(W / tpb) + 1`` blocks before the out-of-window block is
+    released), never more than ``max_seq_len``."""
     kv_dtype = {"auto": {"fp32": "float32", "fp16": "float16"}.get(fmt, "bfloat16"), "fp8": "fp8",
                 "nvfp4": "nvfp4"}[bc.kv_cache_dtype]
     per_token_layer = 2 * cfg.kv_size / tp * KV_DTYPE_BYTES[kv_dtype]
