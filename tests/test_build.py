@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,12 @@ FIX = REPO / "tests" / "fixtures" / "nvfp4"
 CONFIGS = sorted((REPO / "build_configs").glob("*.yaml"))
 CKPT_FOR = {"nvfp4": FIX / "modelopt_nvfp4", "fp8": FIX / "modelopt_fp8"}
 DOUBLE = REPO / "trtllm_loop" / "trtllm" / "double"
+# NVFP4 GEMM backends each target must hand TRT-LLM, from the reasons given in its build config: SM100 runs all
+# three; SM120 (RTX PRO 6000) the validated CUTLASS tiles with cuBLASLt as fallback, its CUDA-core GEMV not yet
+# checked; SM121 (GB10) cuBLASLt only, since CUTLASS's SM120 tiles exceed its shared memory (TRT-LLM #11368).
+# The Hopper targets deploy FP8 (no FP4 tensor cores), so no NVFP4 GEMM config at all.
+EXPECTED_NVFP4_GEMM = {"b200": ["cutlass", "cublaslt", "cuda_core"], "rtx-pro-6000": ["cutlass", "cublaslt"],
+                       "gb10": ["cublaslt"], "h100-fp8": None, "h200-fp8": None}
 
 
 def test_every_target_has_a_config():
@@ -61,14 +68,18 @@ def test_deploy_dir_is_complete_and_its_yaml_loads(deployed):
     assert kv["free_gpu_memory_fraction"] == bc.free_gpu_memory_fraction
     assert opts["cuda_graph_config"]["enable_padding"] is True
     assert max(opts["cuda_graph_config"]["batch_sizes"]) <= opts["max_batch_size"]
-    if info["weight_format"] == "nvfp4":
+    expected = EXPECTED_NVFP4_GEMM[bc.target]
+    assert (info["weight_format"] == "nvfp4") == (expected is not None)
+    if expected is not None:
         backends = opts["nvfp4_gemm_config"]["allowed_backends"]
-        assert backends == (["cublaslt"] if bc.sm == 121 else backends) and backends
+        assert backends == expected and backends
+        assert bc.sm != 121 or "cutlass" not in backends
     else:
         assert "nvfp4_gemm_config" not in opts
     model_yaml = yaml.safe_load((out / "triton_repo/tensorrt_llm/1/model.yaml").read_text())
     assert model_yaml["backend"] == "pytorch" and Path(model_yaml["model"]) == out.resolve()
     assert model_yaml["kv_cache_config"] == kv and model_yaml["triton_config"]["max_batch_size"] == 0
+    assert model_yaml["triton_config"]["decoupled"] is True  # TRT-LLM's llmapi model.py streams only when decoupled
 
     env = (out / "env.sh").read_text()
     shares = [float(x) for x in env.split("TRTLLM_WINDOW_SIZE_SHARES=")[1].split()[0].split(",")]
@@ -159,7 +170,7 @@ def test_existing_out_needs_force(tmp_path):
 def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     def boom(dst):
         raise OSError("disk full")
-    monkeypatch.setattr(deploy, "_copy_package", boom)
+    monkeypatch.setattr(deploy.writer, "_copy_package", boom)
     with pytest.raises(OSError):
         build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
@@ -238,8 +249,8 @@ def test_bf16_40b_does_not_fit_one_h100():
     cfg = LoopConfig()
     bc = load_build_config(REPO / "build_configs/h100-fp8.yaml")
     with pytest.raises(UserError, match="leave no room"):
-        deploy._check_fits(bc, memory_plan(bc, cfg, weight_bytes=79_589_392_640, tp=1, fmt="bf16"))
-    deploy._check_fits(bc, memory_plan(bc, cfg, weight_bytes=40_600_000_000, tp=2, fmt="fp8"))
+        deploy.check_fits(bc, memory_plan(bc, cfg, weight_bytes=79_589_392_640, tp=1, fmt="bf16"))
+    deploy.check_fits(bc, memory_plan(bc, cfg, weight_bytes=40_600_000_000, tp=2, fmt="fp8"))
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -264,3 +275,137 @@ def test_every_target_hosts_the_released_40b_model(path):
     for fmt in bc.weight_formats:
         plan = memory_plan(bc, LoopConfig(), sizes[fmt], bc.tensor_parallel_size, fmt)
         assert plan["max_full_length_sequences"] >= 8, (bc.target, fmt, plan)
+
+
+# ------------------------------------------------------------------------------------------ templates
+TEMPLATE_DIR = REPO / "trtllm_loop" / "trtllm" / "deploy" / "templates"
+RENDERED = {"serve.sh": "serve.sh", "env.sh": "env.sh", "launch_triton.sh": "launch_triton.sh",
+            "custom_module_init.py.tpl": "custom_modules/iquest_loop/__init__.py",
+            "sitecustomize.py.tpl": "triton_hooks/sitecustomize.py",
+            "triton_config.pbtxt": "triton_repo/tensorrt_llm/config.pbtxt"}
+
+
+def test_templates_are_package_data():
+    """Every template is a file matched by pyproject's package-data globs, so a wheel install has them."""
+    import fnmatch
+
+    section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    globs = json.loads(re.search(r"^trtllm_loop = (\[.*\])$", section, re.M).group(1))  # a TOML list of strings
+    files = sorted(p.name for p in TEMPLATE_DIR.iterdir())
+    assert files == sorted(RENDERED)
+    for name in files:
+        rel = (TEMPLATE_DIR / name).relative_to(REPO / "trtllm_loop").as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
+        assert not name.endswith(".py"), "a .py template would be imported / linted as project code"
+
+
+def test_templates_render_without_leftover_placeholders(deployed):
+    bc, _, out, _ = deployed
+    for tpl, rel in RENDERED.items():
+        text = (out / rel).read_text()
+        assert "{{" not in text and "}}" not in text, rel
+        assert not re.search(r"(?<!\$)\{[A-Za-z_]\w*\}", text), rel      # str.format leftovers
+        assert not re.search(r"\$\{[a-z_][a-z0-9_]*\}", text), rel       # string.Template leftovers
+        if rel.endswith(".sh"):
+            r = subprocess.run(["bash", "-n", str(out / rel)], capture_output=True, text=True)
+            assert r.returncode == 0, (rel, r.stderr)
+            assert os.access(out / rel, os.X_OK) == (rel != "env.sh"), rel  # env.sh is sourced
+        elif rel.endswith(".py"):
+            compile(text, rel, "exec")
+    assert "TP=1\n" in (out / "serve.sh").read_text()
+    assert "import trtllm_loop.trtllm.torch_backend.modeling_iquest_loop" in \
+        (out / "custom_modules/iquest_loop/__init__.py").read_text()
+
+
+def test_fill_template_refuses_missing_and_unused_values():
+    from trtllm_loop.trtllm.deploy.templating import fill_template
+
+    with pytest.raises(KeyError, match="window_size_shares"):
+        fill_template("env.sh")
+    with pytest.raises(KeyError, match="bogus"):
+        fill_template("launch_triton.sh", bogus=1)
+
+
+# ------------------------------------------------------------------------------------------ one LLM-API generator
+def test_build_and_llmapi_renderer_write_the_same_llm_api_arguments(deployed, tmp_path):
+    """`build`'s llm_api_options.yaml and the Triton llmapi renderer's model.yaml, for the same settings, carry
+    the same LLM(**kwargs) arguments; the two model.yaml differ only where their Triton models do."""
+    from conftest import require
+
+    require("tritonclient.grpc")
+    require("sentencepiece")
+    from trtllm_loop.serving.render import render_repository
+    from trtllm_loop.synth import synthesize
+
+    bc, ckpt, out, info = deployed
+    tok = synthesize(tmp_path / "tok", "tiny")  # the fixtures carry no tokenizer; the renderer wants one
+    nvfp4 = info["weight_format"] == "nvfp4"
+    repo = render_repository(
+        "llmapi", ckpt, tmp_path / "repo", engine_dir=out, tokenizer_dir=tok, max_batch_size=bc.max_batch_size,
+        max_seq_len=bc.max_seq_len, max_num_tokens=bc.max_num_tokens,
+        kv_cache_free_gpu_mem_fraction=bc.free_gpu_memory_fraction, enable_kv_cache_reuse=bc.enable_block_reuse,
+        kv_cache_dtype=bc.kv_cache_dtype, host_cache_size=bc.host_cache_size,
+        cuda_graph_batch_sizes=bc.cuda_graph["batch_sizes"],
+        nvfp4_gemm_allowed_backends=bc.nvfp4_gemm_allowed_backends if nvfp4 else ())
+    rendered = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
+    opts = yaml.safe_load((out / "llm_api_options.yaml").read_text())
+    launcher = {"model", "backend", "tensor_parallel_size", "pipeline_parallel_size", "triton_config"}
+    assert {k: v for k, v in rendered.items() if k not in launcher} == opts
+    assert rendered["model"] == str(out.resolve()) and rendered["backend"] == "pytorch"
+    deployed_yaml = yaml.safe_load((out / "triton_repo/tensorrt_llm/1/model.yaml").read_text())
+    assert {k: v for k, v in deployed_yaml.items() if k != "triton_config"} == \
+        {k: v for k, v in rendered.items() if k != "triton_config"}
+    # TRT-LLM's model.py takes one prompt per request (max_batch_size 0); ours batches up to the config's value
+    assert deployed_yaml["triton_config"] == dict(rendered["triton_config"], max_batch_size=0)
+    assert rendered["triton_config"]["max_batch_size"] == bc.max_batch_size
+
+
+def test_llm_api_args_cuda_graph_choices():
+    from trtllm_loop.trtllm.deploy import llm_api_args
+
+    cfg = LoopConfig()
+    base = dict(max_batch_size=16, max_seq_len=8192, max_num_tokens=2048, free_gpu_memory_fraction=0.8)
+    assert llm_api_args(cfg, **base, cuda_graph=False)["cuda_graph_config"] is None  # None turns graphs off
+    assert llm_api_args(cfg, **base)["cuda_graph_config"] == {"enable_padding": True, "max_batch_size": 16}
+    args = llm_api_args(cfg, **base, cuda_graph_batch_sizes=[1, 4])
+    assert args["cuda_graph_config"] == {"enable_padding": True, "batch_sizes": [1, 4]}
+    assert args["kv_cache_config"]["max_attention_window"] == [8192, 64] and "dtype" not in args["kv_cache_config"]
+    assert args["attn_backend"] == "TRTLLM" and "nvfp4_gemm_config" not in args
+
+
+# ------------------------------------------------------------------------------------------ one TP rule
+def test_tp_rule_with_and_without_kv_replication():
+    """TP divides the query heads; it divides the KV heads or, for dense k/v weights only, is a multiple of them."""
+    released = LoopConfig()  # 40 heads, 8 KV heads
+    assert released.tp_sizes() == [1, 2, 4, 8, 40]
+    assert released.tp_sizes(replicate_kv=False) == [1, 2, 4, 8]
+    mqa = LoopConfig(num_attention_heads=8, num_key_value_heads=1, hidden_size=512)
+    assert mqa.tp_sizes() == [1, 2, 4, 8] and mqa.tp_sizes(replicate_kv=False) == [1]
+    released.check_tp(40)
+    with pytest.raises(UserError, match=r"tensor parallel size 40 must divide .*replicates the 8 KV heads.*"
+                                        r"allowed: \[1, 2, 4, 8\]"):
+        released.check_tp(40, "ckpt", replicate_kv=False)
+
+
+def test_deploy_tp_follows_the_weight_format(tmp_path):
+    """4 ranks over the tiny model's 2 KV heads: a dense checkpoint replicates them, a quantized one cannot."""
+    out = tmp_path / "dense"
+    build(FIX / "source", REPO / "build_configs/b200.yaml", out, tp=4)
+    r = subprocess.run(["bash", str(out / "serve.sh"), "--tp", "4"], env=dict(os.environ, DRY_RUN="1"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--tp_size 4" in r.stdout, r.stderr
+    assert "allowed: 1 2 4" in subprocess.run(["bash", str(out / "serve.sh"), "--tp", "3"], capture_output=True,
+                                              env=dict(os.environ, DRY_RUN="1"), text=True).stderr
+    _refused(FIX / "modelopt_fp8", REPO / "build_configs/h200-fp8.yaml", tmp_path / "fp8", tp=4,
+             match=r"replicates the 2 KV heads.*allowed: \[1, 2\]; pass --tp or set field 'tensor_parallel_size'")
+
+
+def test_memory_plan_window_tokens_never_exceed_the_sequence():
+    """The window group holds ceil(W / tpb) + 1 blocks per sequence, capped at the sequence itself."""
+    from dataclasses import replace
+
+    cfg = LoopConfig()
+    bc = load_build_config(REPO / "build_configs/b200.yaml")
+    assert memory_plan(replace(bc, max_seq_len=80), cfg, 10**9, 1, "nvfp4")["window_tokens_per_sequence"] == 80
+    plan = memory_plan(replace(bc, max_seq_len=64), cfg, 10**9, 1, "nvfp4")
+    assert plan["window_size_shares"] is None and plan["window_sizes_ascending"] == [64]

@@ -220,17 +220,28 @@ class LoopConfig:
         return self.num_hidden_layers * self.loop_num
 
     # ------------------------------------------------------------------ tensor parallelism
-    def tp_sizes(self) -> list[int]:
-        """TP sizes TRT-LLM can shard this model over: query heads (and gate rows) split evenly; KV heads
-        split evenly, or are replicated when there are more ranks than KV heads (tp a multiple of them)."""
+    def tp_sizes(self, replicate_kv: bool = True) -> list[int]:
+        """TP sizes TRT-LLM can shard this model over (the one TP rule): query heads (and gate rows) split
+        evenly; KV heads split evenly, or, with ``replicate_kv``, are replicated when there are more ranks than
+        KV heads (tp a multiple of them). TRT-LLM's loader replicates dense k/v weights only
+        (``duplicate_kv_weight`` copies weight and bias, not quantization scales; trtllm/API.md), so pass
+        ``replicate_kv=False`` for quantized (NVFP4, FP8) k/v weights."""
         h, hkv = self.num_attention_heads, self.num_key_value_heads
-        return [t for t in range(1, h + 1) if h % t == 0 and (hkv % t == 0 or t % hkv == 0)]
+        return [t for t in range(1, h + 1) if h % t == 0 and (hkv % t == 0 or (replicate_kv and t % hkv == 0))]
 
-    def check_tp(self, tp: int, where: str = "config.json") -> None:
-        if tp not in self.tp_sizes():
+    def check_tp(self, tp: int, where: str = "config.json", replicate_kv: bool = True) -> None:
+        """Raise ConfigError naming ``where`` and the allowed sizes unless ``tp`` is in :meth:`tp_sizes`."""
+        ok = self.tp_sizes(replicate_kv)
+        if tp in ok:
+            return
+        h, hkv = self.num_attention_heads, self.num_key_value_heads
+        if replicate_kv:
             raise ConfigError(f"tensor parallel size {tp} does not fit {where}: it must divide num_attention_heads "
-                              f"({self.num_attention_heads}) and divide or be a multiple of num_key_value_heads "
-                              f"({self.num_key_value_heads}); allowed: {self.tp_sizes()}")
+                              f"({h}) and divide or be a multiple of num_key_value_heads ({hkv}); allowed: {ok}")
+        raise ConfigError(f"tensor parallel size {tp} must divide num_attention_heads ({h}) and num_key_value_heads "
+                          f"({hkv}) of {where}: its k/v weights are quantized, so no more ranks than KV heads (that "
+                          f"replicates the {hkv} KV heads, which TRT-LLM's loader does for dense k/v weights only); "
+                          f"allowed: {ok}")
 
     def per_rank(self, tp: int) -> "LoopConfig":
         """The head layout one of ``tp`` tensor-parallel ranks computes: query heads split evenly, KV heads

@@ -24,6 +24,7 @@ import trtllm_loop
 from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
 from trtllm_loop.fsutil import atomic_dir
+from trtllm_loop.trtllm.deploy.llm_args import llm_api_args, triton_model_yaml
 
 FLAVOURS = ("tensorrtllm", "llmapi", "reference")
 SERVING_DIR = Path(__file__).resolve().parent
@@ -75,7 +76,9 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                       kv_cache_free_gpu_mem_fraction: float = 0.9, enable_kv_cache_reuse: bool = False,
                       cuda_graph_mode: bool = True, exclude_input_in_output: bool = False,
                       reference_dtype: str = "float32", torch_threads: int = 1, tensor_parallel_size: int = 1,
-                      bls_max_concurrency: int = 64, overwrite: bool = False) -> Path:
+                      bls_max_concurrency: int = 64, kv_cache_dtype: str = "auto", host_cache_size: int = 0,
+                      cuda_graph_batch_sizes: tuple[int, ...] = (), nvfp4_gemm_allowed_backends: tuple[str, ...] = (),
+                      overwrite: bool = False) -> Path:
     if flavour not in FLAVOURS:
         raise UserError(f"--flavour {flavour!r} unknown; choose one of {', '.join(FLAVOURS)}")
     model_dir = Path(model_dir).resolve()
@@ -109,8 +112,6 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "logits_datatype": "TYPE_FP32",
         "tokenizer_dir": str(tok_dir),
         "model_dir": str(model_dir),
-        # llmapi: tensorrt_llm.LLM(model=...) -- the `trtllm-loop build` deploy directory when given
-        "llm_model_dir": str(Path(engine_dir).resolve()) if (flavour == "llmapi" and engine_dir) else str(model_dir),
         "engine_dir": str(engine) if engine else "",
         "preprocessing_instance_count": 1,
         "postprocessing_instance_count": 1,
@@ -123,7 +124,6 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "cuda_graph_mode": str(bool(cuda_graph_mode)).lower(),
         "cuda_graph_cache_size": max_batch_size if cuda_graph_mode else 0,
         "max_attention_window_size": ",".join(str(w) for w in windows),
-        "max_attention_window_pattern": ", ".join(str(w) for w in cfg.window_pattern(max_seq_len)),
         "exclude_input_in_output": str(bool(exclude_input_in_output)).lower(),
         "reference_dtype": reference_dtype,
         "runtime_max_batch_size": max_batch_size,
@@ -132,7 +132,6 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "tokens_per_block": tokens_per_block,
         "torch_threads": torch_threads,
         "python_path": str(Path(trtllm_loop.__file__).resolve().parent.parent),
-        "tensor_parallel_size": tensor_parallel_size,
         "bls_max_concurrency": bls_max_concurrency,
     }
     tpl = templates_dir()
@@ -160,6 +159,17 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                 shutil.copy2(src, d / "1" / "model.py")
                 shutil.copy2(TEXTPROC_SRC, d / "1" / "loop_text.py")
         if flavour == "llmapi":
+            # the LLM-API arguments come from the one generator `trtllm-loop build` uses as well
+            llm_args = llm_api_args(
+                cfg, max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
+                free_gpu_memory_fraction=kv_cache_free_gpu_mem_fraction, enable_block_reuse=enable_kv_cache_reuse,
+                host_cache_size=host_cache_size, kv_cache_dtype=kv_cache_dtype, cuda_graph=cuda_graph_mode,
+                cuda_graph_batch_sizes=cuda_graph_batch_sizes, nvfp4_gemm_allowed_backends=nvfp4_gemm_allowed_backends)
+            # tensorrt_llm.LLM(model=...): the `trtllm-loop build` deploy directory when given
+            llm_model = str(Path(engine_dir).resolve()) if engine_dir else str(model_dir)
+            values["llmapi_model_yaml"] = triton_model_yaml(
+                llm_args, model=llm_model, tensor_parallel_size=tensor_parallel_size,
+                triton_max_batch_size=max_batch_size).rstrip("\n")
             yaml_tpl = tpl / "llmapi/tensorrt_llm/model.yaml"
             (tmp / "tensorrt_llm/1/model.yaml").write_text(fill(yaml_tpl.read_text(), values, "llmapi/model.yaml"))
         (tmp / "README.txt").write_text(

@@ -82,7 +82,8 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
     bad = [t for s in seqs for t in s if not 0 <= t < cfg.vocab_size]
     if bad:
         raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size}) of {ckpt}/config.json")
-    cfg.check_tp(tp_size, f"{ckpt}/config.json")
+    quant = quant_config_for(ckpt)
+    cfg.check_tp(tp_size, f"{ckpt}/config.json", replicate_kv=quant is None or quant.quant_algo is None)
     if tp_size > 1 and not is_double:
         raise UserError("--tp > 1 with real TensorRT-LLM needs one process per GPU: serve the deploy directory "
                         "with `serve.sh --tp N` (trtllm-serve over MPI) instead")
@@ -92,10 +93,6 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
     view = to_view_dict(cfg, {"torch_dtype": dtype})
     view.pop("dtype", None)
     pretrained = IQuestLoopTrtllmConfig(**view)
-    quant = quant_config_for(ckpt)
-    if tp_size > cfg.num_key_value_heads and quant is not None and quant.quant_algo is not None:
-        raise UserError(f"--tp {tp_size} replicates the {cfg.num_key_value_heads} KV heads, which TRT-LLM's loader "
-                        f"does for dense k/v weights only; use --tp <= {cfg.num_key_value_heads} for {ckpt}")
     weights = dict(iter_tensors(ckpt))  # as stored: packed NVFP4 / FP8 stay packed, the linear method reads them
     kv_dtype = {"float32": DataType.FLOAT, "bfloat16": DataType.BF16, "float16": DataType.HALF}[dtype]
 

@@ -1,0 +1,133 @@
+"""``build()``: validate, plan and write the deploy directory (into a temporary sibling, renamed into place at the
+end: no partial output)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+import trtllm_loop
+from trtllm_loop.config import ARCHITECTURE, ConfigError, LoopConfig
+from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import atomic_dir
+
+from .build_config import BuildConfig, load_build_config
+from .formats import allowed_tp, check_combination, replicate_kv, weight_format
+from .llm_args import REGISTER_MODULE, llm_api_options, triton_model_yaml
+from .memory import check_fits, memory_plan
+from .templating import fill_template
+
+PACKAGE_DIR = Path(trtllm_loop.__file__).resolve().parent          # trtllm_loop/
+CUSTOM_MODULE = "iquest_loop"
+WEIGHT_MODES = ("link", "copy", "symlink")
+
+
+def _copy_package(dst: Path) -> None:
+    shutil.copytree(PACKAGE_DIR, dst / "trtllm_loop",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "double"))
+
+
+def _link_or_copy(src: Path, dst: Path, mode: str) -> None:
+    if mode == "symlink":
+        dst.symlink_to(src.resolve())
+        return
+    if mode == "link":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # other filesystem: fall back to a copy
+    shutil.copy2(src, dst)
+
+
+def _write(path: Path, text: str, executable: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if executable:
+        path.chmod(0o755)
+
+
+def _env_sh(plan: dict) -> str:
+    shares = plan["window_size_shares"]
+    if not shares:
+        line = "# one window group (W >= max_seq_len): no TRTLLM_WINDOW_SIZE_SHARES"
+    else:
+        line = ("# VSWA pools split by tokens each window group holds per sequence (memory_plan.json), "
+                f"windows {plan['window_sizes_ascending']}\n"
+                f"export TRTLLM_WINDOW_SIZE_SHARES={','.join(f'{s:.6f}' for s in shares)}")
+    return fill_template("env.sh", window_size_shares=line)
+
+
+def _serve_sh(cfg: LoopConfig, fmt: str, tp: int, trtllm_version: str) -> str:
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    rule = (f"divide the {h} attention heads; divide, or replicate, the {hkv} KV heads" if replicate_kv(fmt) else
+            f"divide the {h} attention heads and the {hkv} KV heads; {fmt} k/v weights are not replicated")
+    return fill_template("serve.sh", trtllm_version=trtllm_version, tp=tp, tp_rule=rule, module=CUSTOM_MODULE,
+                         allowed_tp=" ".join(map(str, allowed_tp(cfg, fmt))))
+
+
+def _copy_checkpoint(ckpt: Path, tmp: Path, cfg: LoopConfig, bc: BuildConfig, files: list[Path], weights: str):
+    hf_cfg = json.loads((ckpt / "config.json").read_text())
+    from trtllm_loop.trtllm.torch_backend.config_view import to_view_dict
+    extra = {"quantization_config": hf_cfg["quantization_config"]} if "quantization_config" in hf_cfg else {}
+    _write(tmp / "config.json", json.dumps(to_view_dict(cfg, extra), indent=2) + "\n")
+    _write(tmp / "hf_config.json", json.dumps(hf_cfg, indent=2) + "\n")
+    for f in files:
+        _link_or_copy(f, tmp / f.name, weights)
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and f.name != "config.json" and not (tmp / f.name).exists() and (
+                f.suffix in (".json", ".model", ".jinja", ".txt") or f.name.startswith("tokenizer")):
+            shutil.copy2(f, tmp / f.name)
+
+
+def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | None = None,
+          weights: str = "link", force: bool = False, trtllm_version: str = "1.2.1") -> dict:
+    """Validate, plan and write the deploy directory; returns build_info."""
+    from trtllm_loop.checkpoint import weight_map
+    from trtllm_loop.checkpoint.validate import check
+
+    ckpt, out = Path(ckpt), Path(out)
+    bc = load_build_config(config)
+    try:
+        cfg = LoopConfig.from_file(ckpt)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    warnings = [str(f) for f in check(ckpt)]        # raises UserError listing every error
+    fmt = weight_format(ckpt, cfg)
+    tp = tp or bc.tensor_parallel_size
+    check_combination(bc, cfg, fmt, tp, ckpt)
+    files = sorted(set(weight_map(ckpt).values()))
+    plan = memory_plan(bc, cfg, sum(f.stat().st_size for f in files), tp, fmt)
+    check_fits(bc, plan)
+    if weights not in WEIGHT_MODES:
+        raise UserError(f"--weights {weights!r}: allowed link (hard link, copy across filesystems), copy, symlink")
+    opts = llm_api_options(bc, cfg, fmt)
+    with atomic_dir(out, overwrite=force, hint="pass --force to replace it") as tmp:
+        _copy_checkpoint(ckpt, tmp, cfg, bc, files, weights)
+        _write(tmp / "llm_api_options.yaml",
+               f"# LLM-API options for {bc.target} (from {Path(bc.source).name}); trtllm-serve --extra_llm_api_options\n"
+               + yaml.safe_dump(opts, sort_keys=False))
+        _write(tmp / "env.sh", _env_sh(plan))
+        _write(tmp / "serve.sh", _serve_sh(cfg, fmt, tp, trtllm_version), executable=True)
+        _copy_package(tmp / "python")
+        _write(tmp / "custom_modules" / CUSTOM_MODULE / "__init__.py",
+               fill_template("custom_module_init.py.tpl", register_module=REGISTER_MODULE))
+        tri = tmp / "triton_repo" / "tensorrt_llm"
+        _write(tri / "config.pbtxt", fill_template("triton_config.pbtxt"))
+        _write(tri / "1" / "model.yaml",
+               "# Triton tensorrtllm_backend llmapi model: keys are tensorrt_llm.LLM(...) arguments\n"
+               + triton_model_yaml(opts, model=str(out.resolve()), tensor_parallel_size=tp, triton_max_batch_size=0))
+        _write(tmp / "triton_hooks" / "sitecustomize.py",
+               fill_template("sitecustomize.py.tpl", register_module=REGISTER_MODULE))
+        _write(tmp / "launch_triton.sh", fill_template("launch_triton.sh"), executable=True)
+        _write(tmp / "memory_plan.json", json.dumps(plan, indent=2) + "\n")
+        info = {"architecture": ARCHITECTURE, "checkpoint": str(ckpt.resolve()), "target": bc.target,
+                "build_config": asdict(bc), "weight_format": fmt, "tensor_parallel_size": tp,
+                "kv_layers": cfg.num_kv_slots, "physical_layers": cfg.num_hidden_layers,
+                "weights": weights, "trtllm_version": trtllm_version, "checkpoint_warnings": warnings}
+        _write(tmp / "build_info.json", json.dumps(info, indent=2) + "\n")
+    return info
