@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from trtllm_loop.serving import textproc as lt
+from trtllm_loop.serving import contract as rq
 
 
 class _Tensor:
@@ -186,7 +186,7 @@ def test_llmapi_non_streaming_and_streaming(llmapi_model):
 
 
 def test_llmapi_stop_sequences_and_errors(llmapi_model):
-    stops = lt.to_word_list([[8, 9], [42]])[None]
+    stops = rq.to_word_list([[8, 9], [42]])[None]
     r = _Request(_req([1], stop_words_list=stops, streaming=np.array([[True]])))
     llmapi_model.execute([r])
     sent = _wait_final(r.sender)

@@ -22,6 +22,7 @@ from conftest import require, require_triton_server
 require("tritonclient.grpc")
 require("sentencepiece")
 
+from trtllm_loop.serving import contract as rq  # noqa: E402
 from trtllm_loop.serving import textproc as lt  # noqa: E402
 from trtllm_loop.serving.client import (TritonRequestError, grpc_generate, grpc_stream, http_generate,  # noqa: E402
                                         http_stream, request_fields)
@@ -101,7 +102,7 @@ def llm_ids(env, prompt_ids, max_tokens, *, end_id=None, stops=None, streaming=F
               "request_output_len": np.array([[max_tokens]], np.int32), "end_id": np.array([[end]], np.int32),
               "streaming": np.array([[streaming]], np.bool_), "exclude_input_in_output": np.array([[exclude]], np.bool_)}
     if stop_seqs:
-        arrays["stop_words_list"] = lt.to_word_list(stop_seqs)[None]
+        arrays["stop_words_list"] = rq.to_word_list(stop_seqs)[None]
     resps = raw_stream(env, "tensorrt_llm", arrays, request_id=request_id, cancel_after=cancel_after)
     ids = [o["output_ids"].reshape(-1)[:int(o["sequence_length"].reshape(-1)[0])].tolist()
            for o, _ in resps if "output_ids" in o]

@@ -159,6 +159,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
             if src is not None:
                 shutil.copy2(src, d / "1" / "model.py")
                 shutil.copy2(TEXTPROC_SRC, d / "1" / "loop_text.py")
+                shutil.copy2(SERVING_DIR / "contract.py", d / "1" / "loop_contract.py")
         if flavour == "llmapi":
             yaml_tpl = tpl / "llmapi/tensorrt_llm/model.yaml"
             (tmp / "tensorrt_llm/1/model.yaml").write_text(fill(yaml_tpl.read_text(), values, "llmapi/model.yaml"))
