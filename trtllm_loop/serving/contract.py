@@ -94,7 +94,7 @@ def tensor(inp: Inputs, name: str, kind: type):
     """The input as an array of the right kind, or None when absent."""
     a = inp.get(name)
     if a is not None and a.dtype.kind not in _TYPES[kind][1]:
-        raise RequestError(f"{name} must be a {_TYPES[kind][0]} tensor, got {a.dtype}")
+        raise RequestError(f"{name} must be a tensor of {_TYPES[kind][0]}, got {a.dtype}")
     return a
 
 
@@ -120,14 +120,14 @@ def scalar(inp: Inputs, name: str, kind: type, default=None):
     return default if v is None else v
 
 
-def rows(inp: Inputs, name: str, kind: type, batch: int) -> list:
-    """A list input (``[batch, ...]``, or without the batch axis for one prompt) split into one row per prompt."""
+def rows(inp: Inputs, name: str, kind: type, batch: int, row_ndim: int = 1) -> list:
+    """A list input split into one row per prompt: ``[batch, *row]``, or just ``row`` for one prompt."""
     a = tensor(inp, name, kind)
     if a is None:
         return [None] * batch
-    if a.ndim >= 2 and a.shape[0] == batch:
+    if a.ndim == row_ndim + 1 and a.shape[0] == batch:
         return list(a)
-    if batch == 1:
+    if a.ndim == row_ndim and batch == 1:
         return [a]
     raise RequestError(f"{name} must have one row per prompt (shape [{batch}, ...]), got shape {list(a.shape)}")
 
@@ -332,8 +332,8 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
     return LLMRequest(
         input_ids=ids, output_len=out_len, end_id=scalar(inp, "end_id", int), pad_id=scalar(inp, "pad_id", int),
         sampling=Sampling.parse(inp)[0],
-        stop_words=from_word_list(rows(inp, "stop_words_list", int, 1)[0], "stop_words_list"),
-        bad_words=from_word_list(rows(inp, "bad_words_list", int, 1)[0], "bad_words_list"),
+        stop_words=from_word_list(rows(inp, "stop_words_list", int, 1, 2)[0], "stop_words_list"),
+        bad_words=from_word_list(rows(inp, "bad_words_list", int, 1, 2)[0], "bad_words_list"),
         embedding_bias=bias is not None and bias.size > 0,
         returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
         streaming=scalar(inp, "streaming", bool, False),
