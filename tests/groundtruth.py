@@ -19,8 +19,8 @@ def greedy(model, prompt: list[int], max_tokens: int, end_ids=(), stop_ids=()) -
     while len(out) < max_tokens:
         logits = model(torch.tensor([list(prompt) + out])).logits[0, -1].float()
         top = torch.topk(logits, 2).values
-        assert float(top[0] - top[1]) > MIN_MARGIN, \
-            f"greedy step {len(out)} after {prompt + out} is a near tie ({float(top[0] - top[1]):.2e}): pick another prompt"
+        gap = float(top[0] - top[1])
+        assert gap > MIN_MARGIN, f"greedy step {len(out)} after {prompt + out} is a near tie ({gap:.2e}): pick another prompt"
         t = int(torch.argmax(logits))
         if t in end_ids:
             break

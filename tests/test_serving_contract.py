@@ -54,7 +54,8 @@ def test_llm_request_fields_and_defaults():
     assert r.sampling == rq.Sampling() and r.stop_words == [] and r.bad_words == [] and r.returns == ()
     assert not r.streaming and not r.exclude_input and not r.embedding_bias and r.features() == {}
     assert rq.parse_llm_request(llm(), default_exclude=True).exclude_input
-    assert not rq.parse_llm_request(llm(exclude_input_in_output=np.array([[False]])), default_exclude=True).exclude_input
+    keep = llm(exclude_input_in_output=np.array([[False]]))
+    assert not rq.parse_llm_request(keep, default_exclude=True).exclude_input
     r = rq.parse_llm_request(llm(
         end_id=i32(2), pad_id=i32(0), streaming=np.array([[True]]), temperature=f32(0.5),
         runtime_top_k=i32(3), runtime_top_p=f32(0.9), seed=np.array([[7]], np.uint64),

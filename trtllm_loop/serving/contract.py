@@ -181,7 +181,7 @@ def from_word_list(arr, name: str = "stop/bad words list") -> list[list[int]]:
 # ----------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class _Option:
-    name: str                    # client input, :class:`Sampling` attribute, LLM-API SamplingParams argument
+    name: str                    # client input and :class:`Sampling` attribute (and LLM-API SamplingParams name)
     llm: str                     # tensorrt_llm input
     kind: type
     dtype: type                  # numpy dtype of the tensorrt_llm tensor
@@ -190,20 +190,17 @@ class _Option:
     off: tuple | None = None     # values that leave the feature off (None: every backend has it)
 
 
-def _finite(v):
-    return math.isfinite(v)
-
-
 SAMPLING = (
     _Option("temperature", "temperature", float, np.float32, ">= 0 (0 = greedy)", lambda v: 0 <= v < math.inf),
     _Option("top_k", "runtime_top_k", int, np.int32, ">= 0 (0 = off)", lambda v: v >= 0),
     _Option("top_p", "runtime_top_p", float, np.float32, "in (0, 1] (1 = off)", lambda v: 0 < v <= 1),
     _Option("seed", "seed", int, np.uint64, ">= 0", lambda v: v >= 0),
-    _Option("length_penalty", "len_penalty", float, np.float32, "a finite number", _finite),
+    _Option("length_penalty", "len_penalty", float, np.float32, "a finite number", math.isfinite),
     _Option("repetition_penalty", "repetition_penalty", float, np.float32, "> 0 (1 = off)",
             lambda v: 0 < v < math.inf, (1.0,)),
-    _Option("presence_penalty", "presence_penalty", float, np.float32, "a finite number (0 = off)", _finite, (0.0,)),
-    _Option("frequency_penalty", "frequency_penalty", float, np.float32, "a finite number (0 = off)", _finite,
+    _Option("presence_penalty", "presence_penalty", float, np.float32, "a finite number (0 = off)", math.isfinite,
+            (0.0,)),
+    _Option("frequency_penalty", "frequency_penalty", float, np.float32, "a finite number (0 = off)", math.isfinite,
             (0.0,)),
     _Option("min_tokens", "min_tokens", int, np.int32, ">= 0", lambda v: v >= 0, (0, 1)),
     _Option("beam_width", "beam_width", int, np.int32, ">= 1", lambda v: v >= 1, (1,)),
