@@ -13,7 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from trtllm_loop.serving import textproc as lt
+from conftest import require
+
+from trtllm_loop.serving import contract as rq
 
 
 class _Tensor:
@@ -186,7 +188,7 @@ def test_llmapi_non_streaming_and_streaming(llmapi_model):
 
 
 def test_llmapi_stop_sequences_and_errors(llmapi_model):
-    stops = lt.to_word_list([[8, 9], [42]])[None]
+    stops = rq.to_word_list([[8, 9], [42]])[None]
     r = _Request(_req([1], stop_words_list=stops, streaming=np.array([[True]])))
     llmapi_model.execute([r])
     sent = _wait_final(r.sender)
@@ -211,3 +213,119 @@ def test_llmapi_cancel_by_stop_request(llmapi_model):
     assert stop.sender.sent == [(None, 1)]
     sent = _wait_final(r.sender)
     assert len([s for s, _ in sent if s is not None]) < 5
+
+
+# ----------------------------------------------------------------------------- one bad request fails alone
+def _load(name, tmp_path, monkeypatch):
+    """A model source as the Python backend loads it (``1/model.py``), with the stand-in pb_utils."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
+    from trtllm_loop.serving.render import MODELS_SRC
+
+    d = tmp_path / name / "1"
+    d.mkdir(parents=True)
+    (d / "model.py").write_text((MODELS_SRC / f"{name}.py").read_text())
+    spec = importlib.util.spec_from_file_location(f"{name}_model_under_test", d / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.TritonPythonModel()
+
+
+def _params(**kw):
+    return {"model_config": json.dumps({"parameters": {k: {"string_value": str(v)} for k, v in kw.items()}})}
+
+
+def _error_of(sent):
+    (resp, flags), = sent
+    assert flags == 1 and resp.error is not None, sent
+    return resp.error.message()
+
+
+BAD_LLM = [  # (extra inputs, message): each fails alone
+    (dict(input_lengths=np.array([[4]], np.int32)), "input_lengths=4 but input_ids has 3 ids: send 1..3"),
+    (dict(temperature=np.array([[np.nan]], np.float32)), "temperature must be >= 0 (0 = greedy), got nan"),
+    (dict(runtime_top_p=np.array([[1.5]], np.float32)), "runtime_top_p must be in (0, 1] (1 = off), got 1.5"),
+    (dict(input_ids=np.array([[5, 6.5, 7]], np.float32)), "input_ids must be a tensor of INT32, got float32"),
+    (dict(input_ids=np.array([[5, 900, 7]], np.int32)), "input_ids contains 900, outside the vocabulary [0, 512)"),
+    (dict(beam_width=np.array([[2]], np.int32)), "beam_width=2 is not supported by the reference runtime"),
+    (dict(end_id=np.array([[1, 2]], np.int32)), "end_id must hold one value per prompt"),
+]
+
+
+def test_reference_model_one_bad_request_fails_alone(tiny_ckpt, tmp_path, monkeypatch):
+    from groundtruth import greedy
+    from trtllm_loop.modeling.load import load_model
+
+    model = _load("reference", tmp_path, monkeypatch)
+    model.initialize(_params(checkpoint_dir=tiny_ckpt, max_seq_len=64, tokens_per_block=4))
+    try:
+        good = [_Request(_req([5, 6, 7], 6, end_id=np.array([[-1]], np.int32))),
+                _Request(_req([9, 8], 5, end_id=np.array([[-1]], np.int32),
+                              exclude_input_in_output=np.array([[True]])))]
+        bad = [_Request(_req([5, 6, 7], 6, **extra)) for extra, _ in BAD_LLM]
+        model.execute([good[0], *bad, good[1]])
+        for r, (_, msg) in zip(bad, BAD_LLM):
+            assert msg in _error_of(r.sender.sent)
+        ref = load_model(tiny_ckpt)
+        got = [_wait_final(r.sender) for r in good]
+        assert [_ids(s[-1][0]) for s in got] == [[5, 6, 7] + greedy(ref, [5, 6, 7], 6), greedy(ref, [9, 8], 5)]
+    finally:
+        model.finalize()
+
+
+def test_llmapi_model_one_bad_request_fails_alone(llmapi_model):
+    good = [_Request(_req([1, 2])), _Request(_req([3]))]
+    bad = [_Request(_req([1, 2], input_lengths=np.array([[3]], np.int32))),  # used to be sliced silently
+           _Request(_req([1], temperature=np.array([[-1.0]], np.float32))),
+           _Request(_req([1], return_log_probs=np.array([[True]]))),
+           _Request(_req([1], input_ids=np.array([[1], [2]], np.int32)))]     # used to be flattened
+    llmapi_model.execute([good[0], *bad, good[1]])
+    assert "input_lengths=3 but input_ids has 2 ids" in _error_of(bad[0].sender.sent)
+    assert "temperature must be >= 0 (0 = greedy), got -1" in _error_of(bad[1].sender.sent)
+    assert "return_log_probs is not supported by the llmapi tensorrt_llm model" in _error_of(bad[2].sender.sent)
+    assert "batch of 2 prompts in one request" in _error_of(bad[3].sender.sent)
+    assert [_ids(_wait_final(r.sender)[-1][0]) for r in good] == [[1, 2, 7, 8, 9, 10, 11], [3, 7, 8, 9, 10, 11]]
+    # the sampling options the LLM API receives are the request's, by their LLM-API names
+    r = _Request(_req([1], runtime_top_k=np.array([[4]], np.int32), len_penalty=np.array([[1.5]], np.float32),
+                      beam_width=np.array([[1]], np.int32)))
+    llmapi_model.execute([r])
+    _wait_final(r.sender)
+    _, sp, _ = _FakeLLM.instances[-1].calls[-1]
+    assert sp.top_k == 4 and sp.length_penalty == 1.5 and not hasattr(sp, "beam_width")
+
+
+def test_preprocessing_one_bad_request_fails_alone(tmp_path, monkeypatch):
+    require("sentencepiece")
+    import transformers
+
+    from trtllm_loop.synth import synthesize
+
+    ckpt = synthesize(tmp_path / "tiny", "tiny", dtype="float32")
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    model = _load("preprocessing", tmp_path, monkeypatch)
+    model.initialize(_params(tokenizer_dir=ckpt, max_input_len=16, max_output_len=32))
+    q = lambda *s: np.array([[x.encode()] for x in s], dtype=object)  # noqa: E731
+    n = lambda *v: np.array([[x] for x in v], np.int32)  # noqa: E731
+    reqs = [_Request({"QUERY": q("hello world", "hi"), "REQUEST_OUTPUT_LEN": n(4, 5),
+                      "STOP_WORDS_DICT": np.array([[b"world", b""], [b"", b""]], dtype=object)}),
+            _Request({"QUERY": q("hi"), "REQUEST_OUTPUT_LEN": n(0)}),
+            _Request({"QUERY": q("word " * 40), "REQUEST_OUTPUT_LEN": n(4)}),
+            _Request({"QUERY": q("hi"), "REQUEST_OUTPUT_LEN": np.array([[4.0]], np.float32)}),
+            _Request({"QUERY": q("x")})]
+    out = model.execute(reqs)
+    assert len(out) == 5 and out[0].error is None
+    assert [e.error.message() for e in out[1:]] == [
+        "max_tokens must be >= 1, got 0: ask for at least one token",
+        f"the prompt is {len(tok.encode('word ' * 40, add_special_tokens=False))} tokens long; this server accepts "
+        "at most 16 (max_input_len): shorten text_input",
+        "max_tokens must be a tensor of INT32, got float32",
+        "max_tokens is missing: send the maximum number of tokens to generate (>= 1)"]
+    t = {x.name(): x.as_numpy() for x in out[0].output_tensors}
+    a, b = tok.encode("hello world", add_special_tokens=False), tok.encode("hi", add_special_tokens=False)
+    assert t["REQUEST_INPUT_LEN"].tolist() == [[len(a)], [len(b)]]
+    assert t["INPUT_ID"][0, :len(a)].tolist() == a and t["INPUT_ID"][1, :len(b)].tolist() == b
+    assert t["REQUEST_OUTPUT_LEN"].tolist() == [[4], [5]]
+    assert t["OUT_END_ID"].tolist() == [[tok.eos_token_id]] * 2
+    stops = [rq.from_word_list(t["STOP_WORDS_IDS"][i]) for i in range(2)]
+    eos = json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
+    others = [[e] for e in eos if e != tok.eos_token_id]
+    assert stops == [[tok.encode("world", add_special_tokens=False)] + others, others]

@@ -1,5 +1,6 @@
 """Text side of the Triton models without a server: incremental detokenization, stop strings, word lists,
-request validation (trtllm_loop.serving.textproc, copied into every rendered model as loop_text.py)."""
+the preprocessor (trtllm_loop.serving.textproc, copied into every rendered model as loop_text.py; the request
+contract it is fed by has its own tests in test_serving_contract.py)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from conftest import require
 
 require("sentencepiece")
 
+from trtllm_loop.serving import contract as rq  # noqa: E402
 from trtllm_loop.serving import textproc as lt  # noqa: E402
 from trtllm_loop.synth.tokenizer import write_tokenizer  # noqa: E402
 
@@ -70,24 +72,37 @@ def test_stop_strings():
 
 def test_word_lists_round_trip():
     seqs = [[14480], [326, 262, 1171]]
-    arr = lt.to_word_list(seqs)
+    arr = rq.to_word_list(seqs)
     assert arr.tolist() == [[14480, 326, 262, 1171], [1, 4, -1, -1]]
-    assert lt.from_word_list(arr[None]) == seqs
-    assert lt.from_word_list(lt.to_word_list([])) == []
-    with pytest.raises(lt.RequestError, match=r"shape \[2, N\]"):
-        lt.from_word_list(np.zeros((3, 2), np.int32))
+    assert rq.from_word_list(arr[None]) == seqs
+    assert rq.from_word_list(rq.to_word_list([])) == []
+    with pytest.raises(rq.RequestError, match=r"shape \[2, N\]"):
+        rq.from_word_list(np.zeros((3, 2), np.int32))
+
+
+def _text_request(text, max_tokens, max_output_len=0, **fields):
+    """A client request as Triton hands it to the BLS ([1, 1] tensors), parsed by the contract."""
+    inputs = {"text_input": np.array([[text.encode()]], dtype=object),
+              "max_tokens": np.array([[max_tokens]], np.int32)}
+    for k, v in fields.items():
+        if isinstance(v, bool):
+            inputs[k] = np.array([[v]], np.bool_)
+        else:
+            inputs[k] = np.array([[x.encode() for x in v]] if isinstance(v, list) else [[v.encode()]], dtype=object)
+    return rq.parse_text_request(rq.Inputs(inputs), max_output_len=max_output_len)
 
 
 def test_preprocessor(tok):
     pre = lt.Preprocessor(tok, [2, tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id], max_input_len=20,
                           max_output_len=50)
-    r = pre.prepare("hi there", 5, stop_words=["there"])
+    r = pre.prepare(_text_request("hi there", 5, stop_words=["there"]))
     assert r["input_ids"] == tok.encode("hi there") and r["end_id"] == tok.eos_token_id
-    stops = lt.from_word_list(r["stop_words_list"])
+    stops = rq.from_word_list(r["stop_words_list"])
     assert tok.encode("there") in stops and [2] in stops and [tok.pad_token_id] in stops
-    chat = pre.prepare("", 5, chat_messages=json.dumps([{"role": "user", "content": "hi"}]))
+    chat = pre.prepare(_text_request("", 5, chat_messages=json.dumps([{"role": "user", "content": "hi"}])))
     assert chat["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert pre.prepare("hi", 5, apply_chat_template=True)["prompt"] == chat["prompt"]
+    assert pre.prepare(_text_request("hi", 5, apply_chat_template=True))["prompt"] == chat["prompt"]
+    assert pre.prepare(_text_request("hi", 5))["prompt"] == "hi"
     for kwargs, msg in [(dict(text="", max_tokens=3), "text_input is empty"),
                         (dict(text="x", max_tokens=0), "max_tokens must be >= 1, got 0"),
                         (dict(text="x", max_tokens=-4), "max_tokens must be >= 1, got -4"),
@@ -95,13 +110,25 @@ def test_preprocessor(tok):
                         (dict(text="word " * 40, max_tokens=3), "max_input_len"),
                         (dict(text="x", max_tokens=3, chat_messages="[{"), "chat_messages is not valid JSON"),
                         (dict(text="x", max_tokens=3, chat_messages='[{"role": 1}]'), "chat_messages must be")]:
-        with pytest.raises(lt.RequestError, match=msg):
-            pre.prepare(kwargs.pop("text"), kwargs.pop("max_tokens"), **kwargs)
-    with pytest.raises(lt.RequestError, match="text_input is not valid UTF-8"):
-        lt.decode_utf8(b"ab\xff\xfe", "text_input")
-    assert lt.string_list(np.array([[b"a", b"", "b ✓".encode()]], dtype=object), "stop_words") == ["a", "b ✓"]
-    with pytest.raises(lt.RequestError, match="stop_words has 65 entries"):
-        lt.string_list(np.array([[b"w"] * 65], dtype=object), "stop_words")
+        with pytest.raises(rq.RequestError, match=msg):
+            pre.prepare(_text_request(kwargs.pop("text"), kwargs.pop("max_tokens"), max_output_len=50, **kwargs))
+    no_template = lt.Preprocessor(_without_chat_template(tok))
+    with pytest.raises(rq.RequestError, match="the tokenizer has no chat_template"):
+        no_template.prepare(rq.TextRequest("hi", 5, chat=[{"role": "user", "content": "hi"}]))
+    with pytest.raises(rq.RequestError, match="text_input is not valid UTF-8"):
+        rq.decode_utf8(b"ab\xff\xfe", "text_input")
+    assert rq.string_list(np.array([[b"a", b"", "b ✓".encode()]], dtype=object), "stop_words") == ["a", "b ✓"]
+    with pytest.raises(rq.RequestError, match="stop_words has 65 entries"):
+        rq.string_list(np.array([[b"w"] * 65], dtype=object), "stop_words")
+
+
+def _without_chat_template(tok):
+    """The same tokenizer with its chat template removed."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    return t
 
 
 def test_client_checks_field_types():

@@ -1,8 +1,10 @@
 """The rendered `reference` repository on a real Triton server (the tritonserver bundled with nvidia-pytriton,
 or $TRITONSERVER / the system one), started once for this module on 127.0.0.1 with free ports.
 
-Ground truth comes from calling the `tensorrt_llm` model directly (token ids in/out) and decoding locally
-with the same tokenizer; every request count here is bounded.
+Ground truth is independent of the server: the reference model run in process (tests/groundtruth.py: load_model,
+greedy argmax over full forwards) on the prompt tokenized by the HF tokenizer, with the stop ids read here from
+generation_config.json, decoded by the HF tokenizer; never the server's own models, the paged runtime they run, or
+the preprocessing code. Every request count here is bounded.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import transformers
 import pytest
 
 from conftest import require, require_triton_server
+from groundtruth import greedy
 
 require("tritonclient.grpc")
 require("sentencepiece")
 
+from trtllm_loop.serving import contract as rq  # noqa: E402
 from trtllm_loop.serving import textproc as lt  # noqa: E402
 from trtllm_loop.serving.client import (TritonRequestError, grpc_generate, grpc_stream, http_generate,  # noqa: E402
                                         http_stream, request_fields)
@@ -40,6 +44,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    from trtllm_loop.modeling.load import load_model
     from trtllm_loop.serving.render import render_repository
     from trtllm_loop.serving.server import TritonServer
     from trtllm_loop.synth import synthesize
@@ -49,11 +54,17 @@ def env(tmp_path_factory):
     repo = render_repository("reference", ckpt, d / "repo", max_seq_len=MAX_SEQ_LEN, max_input_len=MAX_INPUT_LEN,
                              max_output_len=MAX_OUTPUT_LEN, max_batch_size=8)
     e = Env()
+    e.repo = repo
     e.log = d / "server.log"
     e.server = TritonServer(repo, log_path=e.log).start(timeout=300)
     e.http, e.grpc = e.server.http_url, e.server.grpc_url
     e.tok = transformers.AutoTokenizer.from_pretrained(ckpt)
-    e.pre = lt.Preprocessor(e.tok, lt.model_eos_from_dir(str(ckpt)))
+    e.model = load_model(ckpt)
+    # the stop semantics of triton_repo/README.md: the tokenizer's eos is TRT-LLM's end_id (not returned), the
+    # model's other eos ids are single-token stop words (returned)
+    e.end_id = e.tok.eos_token_id
+    e.stop_ids = [t for t in json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
+                  if t != e.end_id]
     yield e
     rc = e.server.stop()
     assert rc == 0, f"tritonserver exit code {rc}:\n{e.server.log_tail()}"
@@ -95,23 +106,41 @@ def raw_stream(env, model, arrays: dict, request_id="", timeout=60, cancel_after
 def llm_ids(env, prompt_ids, max_tokens, *, end_id=None, stops=None, streaming=False, exclude=True,
             request_id="", cancel_after=None):
     """Call `tensorrt_llm` directly, with the stop words the preprocessing would add."""
-    end = env.pre.end_id if end_id is None else end_id
-    stop_seqs = (stops or []) + [[e] for e in env.pre.eos if e != end] if end_id is None else (stops or [])
+    end = env.end_id if end_id is None else end_id
+    stop_seqs = (stops or []) + [[e] for e in env.stop_ids] if end_id is None else (stops or [])
     arrays = {"input_ids": np.array([prompt_ids], np.int32), "input_lengths": np.array([[len(prompt_ids)]], np.int32),
               "request_output_len": np.array([[max_tokens]], np.int32), "end_id": np.array([[end]], np.int32),
               "streaming": np.array([[streaming]], np.bool_), "exclude_input_in_output": np.array([[exclude]], np.bool_)}
     if stop_seqs:
-        arrays["stop_words_list"] = lt.to_word_list(stop_seqs)[None]
+        arrays["stop_words_list"] = rq.to_word_list(stop_seqs)[None]
     resps = raw_stream(env, "tensorrt_llm", arrays, request_id=request_id, cancel_after=cancel_after)
     ids = [o["output_ids"].reshape(-1)[:int(o["sequence_length"].reshape(-1)[0])].tolist()
            for o, _ in resps if "output_ids" in o]
     return ids if streaming else (ids[0] if ids else [])
 
 
-def expected(env, prompt, max_tokens, exclude=True):
-    pids = env.tok.encode(prompt)
-    ids = llm_ids(env, pids, max_tokens, exclude=exclude)
+def encode(env, prompt):
+    return env.tok.encode(prompt, add_special_tokens=False)
+
+
+def expected(env, prompt, max_tokens):
+    """The reference model's greedy completion of ``prompt``: (ids, text)."""
+    ids = greedy(env.model, encode(env, prompt), max_tokens, end_ids=(env.end_id,), stop_ids=env.stop_ids)
     return ids, env.tok.decode(ids, skip_special_tokens=True)
+
+
+def piece_text(env, t):
+    """What one token's text is when decoded on its own, from the vocabulary (SentencePiece: "\u2581" is a
+    space, ``<0xNN>`` a byte -- a lone non-ASCII byte is no character), special tokens dropped."""
+    special = env.tok.added_tokens_decoder.get(t)
+    if t in env.tok.all_special_ids or (special is not None and special.special):
+        return ""
+    piece = env.tok.convert_ids_to_tokens(t)
+    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    if m:
+        b = int(m.group(1), 16)
+        return chr(b) if b < 0x80 else "\ufffd"
+    return piece.replace("\u2581", " ")
 
 
 def log_lines(env, pattern):
@@ -133,8 +162,34 @@ def test_models_ready(env):
             assert r.status == 200
 
 
+def test_tensorrt_llm_matches_reference_model(env):
+    for prompt in PROMPTS:
+        ids, _ = expected(env, prompt, 24)
+        assert ids, "the model generated nothing"
+        assert llm_ids(env, encode(env, prompt), 24) == ids
+        assert llm_ids(env, encode(env, prompt), 24, exclude=False) == encode(env, prompt) + ids
+        assert sum(llm_ids(env, encode(env, prompt), 24, streaming=True), []) == ids
+
+
+def test_rendered_models_use_the_copied_contract(env):
+    """Every Python model directory holds the contract beside the text code, and they bind to each other (not
+    to the installed package, which a stub may or may not be able to import)."""
+    import subprocess
+    import sys
+
+    from trtllm_loop.serving import contract
+
+    dirs = sorted(p.parent for p in env.repo.glob("*/1/model.py"))
+    assert [d.parent.name for d in dirs] == ["postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"]
+    for d in dirs:
+        assert (d / "loop_contract.py").read_text() == open(contract.__file__, encoding="utf-8").read()
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import loop_contract, loop_text; "
+                "assert loop_text.contract is loop_contract, loop_text.contract")
+        subprocess.run([sys.executable, "-c", code, str(d)], check=True)
+
+
 @pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
-def test_non_streamed_text_matches_local_decode(env, model):
+def test_non_streamed_text_matches_reference_model(env, model):
     for prompt in PROMPTS[:2]:
         ids, text = expected(env, prompt, 24)
         assert ids, "the model generated nothing"
@@ -144,7 +199,7 @@ def test_non_streamed_text_matches_local_decode(env, model):
         # prompt echoed (exclude_input_in_output false): the multi-byte prompt round-trips exactly
         full = http_generate(env.http, model, request_fields(prompt, 24, exclude_input_in_output=False))
         assert full == prompt + text
-        assert full == env.tok.decode(env.tok.encode(prompt) + ids, skip_special_tokens=True)
+        assert full == env.tok.decode(encode(env, prompt) + ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -152,6 +207,7 @@ def test_bls_streamed_equals_non_streamed(env, protocol):
     for prompt in PROMPTS:
         f = request_fields(prompt, 40)
         whole = http_generate(env.http, "tensorrt_llm_bls", f)
+        assert whole == expected(env, prompt, 40)[1]
         if protocol == "grpc":
             pieces = list(grpc_stream(env.grpc, "tensorrt_llm_bls", f))
         else:
@@ -179,11 +235,11 @@ def test_ensemble_streams_per_token(env):
     prompt = PROMPTS[0]
     ids, text = expected(env, prompt, 20)
     pieces = list(grpc_stream(env.grpc, "ensemble", request_fields(prompt, 20)))
+    assert pieces == [s for s in (piece_text(env, t) for t in ids) if s]
+    assert "".join(pieces).replace("\ufffd", "") == "".join(piece_text(env, t) for t in ids).replace("\ufffd", "")
+    # spaces survive the postprocessing's per-token decoding (SentencePiece puts them in the next token)
     per_token = lt.PieceText(env.tok)
-    assert pieces == [s for s in (per_token([t]) for t in ids) if s]
-    # spaces survive per-token decoding (SentencePiece puts them in the next token)
-    spaced = env.tok.encode("The quick brown fox")
-    assert "".join(per_token([t]) for t in spaced) == "The quick brown fox"
+    assert "".join(per_token([t]) for t in encode(env, "The quick brown fox")) == "The quick brown fox"
     # streaming over HTTP SSE gives the same responses
     assert list(http_stream(env.http, "ensemble", request_fields(prompt, 20))) == pieces
 
@@ -220,7 +276,8 @@ def test_stop_words(env):
 def test_chat_template_applied_server_side(env):
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "写一个 hello world"}]
     rendered = env.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    want = http_generate(env.http, "tensorrt_llm_bls", request_fields(rendered, 16))
+    want = expected(env, rendered, 16)[1]
+    assert http_generate(env.http, "tensorrt_llm_bls", request_fields(rendered, 16)) == want
     for model in ("tensorrt_llm_bls", "ensemble"):
         assert http_generate(env.http, model, request_fields(messages=msgs, max_tokens=16)) == want
     one = request_fields("写一个 hello world", 16, chat=True, system_prompt="You are terse.")
@@ -229,7 +286,7 @@ def test_chat_template_applied_server_side(env):
 
 def test_concurrent_requests_batch_and_match_single_runs(env):
     prompts = [f"{p} #{i}" for i, p in enumerate(PROMPTS * 2)]  # 8 prompts of different lengths
-    single = [http_generate(env.http, "ensemble", request_fields(p, 24)) for p in prompts]
+    single = [expected(env, p, 24)[1] for p in prompts]
 
     def run(i):
         f = request_fields(prompts[i], 24)
@@ -252,14 +309,14 @@ def test_concurrent_requests_batch_and_match_single_runs(env):
 def _long_prompt(env):
     """A prompt whose greedy continuation does not stop for a long time (random weights: checked, not assumed)."""
     for p in PROMPTS + ["x", "1 2 3"]:
-        if len(llm_ids(env, env.tok.encode(p), 200)) == 200:
+        if len(expected(env, p, 200)[0]) == 200:
             return p
     pytest.fail("every probe prompt hit an eos token within 200 tokens")
 
 
 def test_cancel_mid_stream(env):
     # tensorrt_llm directly: the client cancels its gRPC stream after 3 responses
-    got = llm_ids(env, env.tok.encode("count"), MAX_OUTPUT_LEN, end_id=-1, streaming=True,
+    got = llm_ids(env, encode(env, "count"), MAX_OUTPUT_LEN, end_id=-1, streaming=True,
                   request_id="cancel-direct", cancel_after=3)
     assert len(got) == 3
     # BLS: cancel after a few streamed pieces; the BLS stops its tensorrt_llm request
@@ -331,6 +388,13 @@ def test_bad_request_grpc(env):
         llm_ids(env, [5] * (MAX_SEQ_LEN + 10), 4)
     with pytest.raises(TritonRequestError, match="outside the vocabulary"):
         llm_ids(env, [5, 100000], 4)
+    arrays = {"input_ids": np.array([[5, 6]], np.int32), "input_lengths": np.array([[3]], np.int32),
+              "request_output_len": np.array([[4]], np.int32)}
+    with pytest.raises(TritonRequestError, match=re.escape("input_lengths=3 but input_ids has 2 ids: send 1..2")):
+        send("tensorrt_llm", arrays)
+    with pytest.raises(TritonRequestError, match=re.escape("temperature must be >= 0 (0 = greedy), got nan")):
+        send("tensorrt_llm", {**arrays, "input_lengths": np.array([[2]], np.int32),
+                              "temperature": np.array([[np.nan]], np.float32)})
     with pytest.raises(TritonRequestError, match="unknown model"):
         send("nope", {"text_input": np.array([[b"hi"]], dtype=object), **base})
     healthy_after(env)
@@ -339,7 +403,9 @@ def test_bad_request_grpc(env):
 def test_cli_client_streams_chat(env, capsys):
     from trtllm_loop.cli import main
 
-    want = grpc_generate(env.grpc, "tensorrt_llm_bls", request_fields("hi 你好", 12, chat=True), stream=False)
+    chat = env.tok.apply_chat_template([{"role": "user", "content": "hi 你好"}], tokenize=False,
+                                       add_generation_prompt=True)
+    want = expected(env, chat, 12)[1]
     assert main(["client", "--url", env.grpc, "--chat", "hi 你好", "--max-tokens", "12"]) == 0
     assert capsys.readouterr().out == want + "\n"
     assert main(["client", "--url", env.http, "--protocol", "http", "--prompt", "hi", "--max-tokens", "0"]) == 2

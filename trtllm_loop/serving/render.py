@@ -158,6 +158,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
             if src is not None:
                 shutil.copy2(src, d / "1" / "model.py")
                 shutil.copy2(TEXTPROC_SRC, d / "1" / "loop_text.py")
+                shutil.copy2(SERVING_DIR / "contract.py", d / "1" / "loop_contract.py")
         if flavour == "llmapi":
             # the LLM-API arguments come from the one generator `trtllm-loop build` uses as well
             llm_args = llm_api_args(

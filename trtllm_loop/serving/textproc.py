@@ -1,22 +1,22 @@
-"""Text side of the Triton models: tokenizer loading, prompt rendering (chat template), word lists,
-incremental detokenization and text-level stop strings.
+"""Text side of the Triton models: tokenizer loading, prompt rendering (chat template), tokenization of a
+client request into ``tensorrt_llm`` inputs, incremental detokenization and text-level stop strings. The request
+tensors themselves are parsed and validated by ``contract.py``.
 
-This file is copied verbatim into every rendered Python model as ``1/loop_text.py`` (the Python backend puts
-the version directory on ``sys.path``), so it imports only numpy, transformers and the standard library.
+This file is copied verbatim into every rendered Python model as ``1/loop_text.py`` beside ``1/loop_contract.py``
+(the Python backend puts the version directory on ``sys.path``), so it imports only numpy, transformers, the
+standard library and the contract.
 """
 from __future__ import annotations
 
 import json
 import re
 
-import numpy as np
+try:
+    import loop_contract as contract  # rendered repository: 1/loop_contract.py
+except ImportError:  # pragma: no cover - running from the source tree
+    from trtllm_loop.serving import contract
 
-MAX_STOP_WORDS = 64
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-class RequestError(ValueError):
-    """A bad request; the message names the input tensor and the fix. Sent back as the Triton error."""
 
 
 def load_tokenizer(tokenizer_dir: str):
@@ -30,62 +30,15 @@ def load_tokenizer(tokenizer_dir: str):
     return tok
 
 
-# ----------------------------------------------------------------------------- input helpers
-def decode_utf8(value, field: str) -> str:
-    """A STRING tensor element (bytes) as text; invalid UTF-8 is a client error naming the field."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    try:
-        return bytes(value).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RequestError(f"{field} is not valid UTF-8 ({e.reason} at byte offset {e.start}): "
-                           f"send the text UTF-8 encoded") from None
-
-
-def string_list(arr, field: str) -> list[str]:
-    """``[batch=1, n]`` / ``[n]`` STRING tensor -> list of words (empty strings dropped)."""
-    if arr is None:
-        return []
-    words = [decode_utf8(v, field) for v in np.asarray(arr, dtype=object).reshape(-1)]
-    words = [w for w in words if w != ""]
-    if len(words) > MAX_STOP_WORDS:
-        raise RequestError(f"{field} has {len(words)} entries; at most {MAX_STOP_WORDS} are allowed")
-    return words
-
-
-def render_prompt(tokenizer, text: str, *, apply_chat_template: bool = False,
-                  chat_messages: str | None = None, system_prompt: str | None = None) -> str:
-    """The prompt string the model sees: ``text`` verbatim, or the chat template applied to
-    ``chat_messages`` (a JSON list of ``{"role", "content"}``) and/or ``text`` as the last user turn."""
-    messages: list[dict] = []
-    if chat_messages:
-        try:
-            parsed = json.loads(chat_messages)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"chat_messages is not valid JSON ({e.msg} at char {e.pos}): send a JSON list "
-                               'like [{"role": "user", "content": "hi"}]') from None
-        if not isinstance(parsed, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in parsed):
-            raise RequestError('chat_messages must be a JSON list of {"role": str, "content": str} objects')
-        messages = parsed
-        apply_chat_template = True
-    if not apply_chat_template:
-        if not text:
-            raise RequestError("text_input is empty: send a non-empty prompt (or chat_messages)")
-        return text
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    if text:
-        messages.append({"role": "user", "content": text})
-    if not messages or all(m["role"] == "system" for m in messages):
-        raise RequestError("the chat is empty: send text_input (the user message) or chat_messages")
+def render_prompt(tokenizer, req: "contract.TextRequest") -> str:
+    """The prompt string the model sees: the request's text verbatim, or the chat template applied to its chat."""
+    if req.chat is None:
+        return req.text
     if not getattr(tokenizer, "chat_template", None):
-        raise RequestError("apply_chat_template was requested but the tokenizer has no chat_template: send the "
-                           "prompt as plain text_input or add a chat template to tokenizer_config.json")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        raise contract.RequestError("apply_chat_template was requested but the tokenizer has no chat_template: "
+                                    "send the prompt as plain text_input or add a chat template to "
+                                    "tokenizer_config.json")
+    return tokenizer.apply_chat_template(req.chat, tokenize=False, add_generation_prompt=True)
 
 
 def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -101,39 +54,6 @@ def eos_ids(tokenizer, model_eos=None) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
-
-
-# ----------------------------------------------------------------------------- TRT-LLM word lists
-def to_word_list(sequences: list[list[int]]) -> np.ndarray:
-    """TRT-LLM ``[2, N]`` format: row 0 = concatenated ids, row 1 = cumulative end offsets, padded with -1."""
-    flat: list[int] = []
-    offsets: list[int] = []
-    for s in sequences:
-        flat += [int(t) for t in s]
-        offsets.append(len(flat))
-    n = max(len(flat), 1)
-    out = np.full((2, n), -1, dtype=np.int32)
-    out[0, :len(flat)] = flat
-    out[1, :len(offsets)] = offsets
-    return out
-
-
-def from_word_list(arr) -> list[list[int]]:
-    """Inverse of :func:`to_word_list` (accepts ``[1, 2, N]`` or ``[2, N]``)."""
-    if arr is None:
-        return []
-    a = np.asarray(arr)
-    if a.ndim == 3:
-        a = a[0]
-    if a.ndim != 2 or a.shape[0] != 2:
-        raise RequestError(f"stop/bad words list must have shape [2, N] (ids row, offsets row), got {list(a.shape)}")
-    ids, offs = a[0].tolist(), [int(o) for o in a[1].tolist() if o >= 0]
-    seqs, start = [], 0
-    for end in offs:
-        if end > start:
-            seqs.append([int(t) for t in ids[start:end]])
-        start = end
-    return seqs
 
 
 # ----------------------------------------------------------------------------- detokenization
@@ -269,34 +189,23 @@ class Preprocessor:
         # TRT-LLM has one end_id: the tokenizer's eos; the model's other eos ids go into the stop words
         self.end_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.eos[0])
 
-    def prepare(self, text: str, max_tokens, *, apply_chat_template: bool = False,
-                chat_messages: str | None = None, system_prompt: str | None = None,
-                stop_words: list[str] = (), bad_words: list[str] = (), end_id: int | None = None,
-                pad_id: int | None = None) -> dict:
-        if max_tokens is None:
-            raise RequestError("max_tokens is missing: send the maximum number of tokens to generate (>= 1)")
-        max_tokens = int(max_tokens)
-        if max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}: ask for at least one token")
-        if self.max_output_len and max_tokens > self.max_output_len:
-            raise RequestError(f"max_tokens={max_tokens} exceeds this server's maximum of {self.max_output_len} "
-                               "(max_output_len): ask for fewer tokens")
-        prompt = render_prompt(self.tok, text, apply_chat_template=apply_chat_template,
-                               chat_messages=chat_messages, system_prompt=system_prompt)
+    def prepare(self, req: "contract.TextRequest") -> dict:
+        """A validated client request -> the ``tensorrt_llm`` fields (ids, word lists, end/pad ids)."""
+        prompt = render_prompt(self.tok, req)
         ids = encode(self.tok, prompt, self.add_special_tokens)
         if not ids:
-            raise RequestError("text_input encodes to zero tokens: send a non-empty prompt")
+            raise contract.RequestError("text_input encodes to zero tokens: send a non-empty prompt")
         if self.max_input_len and len(ids) > self.max_input_len:
-            raise RequestError(f"the prompt is {len(ids)} tokens long; this server accepts at most "
-                               f"{self.max_input_len} (max_input_len): shorten text_input")
-        end = self.end_id if end_id is None else int(end_id)
-        stop_seqs = [encode(self.tok, w) for w in stop_words]
-        stop_seqs = [s for s in stop_seqs if s] + [[e] for e in self.eos if e != end]
-        bad_seqs = [s for s in (encode(self.tok, w) for w in bad_words) if s]
-        return {"input_ids": ids, "prompt": prompt, "max_tokens": max_tokens, "end_id": end,
-                "pad_id": self.pad_id if pad_id is None else int(pad_id),
-                "stop_words_list": to_word_list(stop_seqs), "bad_words_list": to_word_list(bad_seqs),
-                "stop_words": list(stop_words)}
+            raise contract.RequestError(f"the prompt is {len(ids)} tokens long; this server accepts at most "
+                                        f"{self.max_input_len} (max_input_len): shorten text_input")
+        end = self.end_id if req.end_id is None else req.end_id
+        stop_seqs = [s for s in (encode(self.tok, w) for w in req.stop_words) if s]
+        stop_seqs += [[e] for e in self.eos if e != end]
+        bad_seqs = [s for s in (encode(self.tok, w) for w in req.bad_words) if s]
+        return {"input_ids": ids, "prompt": prompt, "max_tokens": req.max_tokens, "end_id": end,
+                "pad_id": self.pad_id if req.pad_id is None else req.pad_id,
+                "stop_words_list": contract.to_word_list(stop_seqs),
+                "bad_words_list": contract.to_word_list(bad_seqs), "stop_words": list(req.stop_words)}
 
 
 def preprocessor_from_params(params: dict) -> "Preprocessor":

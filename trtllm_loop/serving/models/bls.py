@@ -16,33 +16,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    import loop_contract as rq  # rendered repository: 1/loop_contract.py
     import loop_text as lt
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - running from the source tree
+    from trtllm_loop.serving import contract as rq
     from trtllm_loop.serving import textproc as lt
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-# client input -> (tensorrt_llm input, numpy dtype); forwarded when present
-_PASS = {"top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
-         "temperature": ("temperature", np.float32), "length_penalty": ("len_penalty", np.float32),
-         "repetition_penalty": ("repetition_penalty", np.float32), "min_tokens": ("min_tokens", np.int32),
-         "presence_penalty": ("presence_penalty", np.float32),
-         "frequency_penalty": ("frequency_penalty", np.float32), "seed": ("seed", np.uint64),
-         "beam_width": ("beam_width", np.int32), "num_return_sequences": ("num_return_sequences", np.int32),
-         "return_log_probs": ("return_log_probs", np.bool_)}
-
-
-def _opt(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
-
-
-def _first(arr):
-    if arr is None:
-        return None
-    a = np.asarray(arr).reshape(-1)
-    return None if a.size == 0 else a[0]
-
 
 def _text(s: str):
     return pb_utils.InferenceResponse(output_tensors=[
@@ -65,48 +45,26 @@ class TritonPythonModel:
                                        thread_name_prefix="bls")
 
     def execute(self, requests):
-        for request in requests:
+        for request in requests:  # each request answers for itself: a bad one never touches the others
             sender = request.get_response_sender()
             try:
-                job = self._prepare(request)
-            except lt.RequestError as e:
-                sender.send(_error(str(e)), flags=FINAL)
-                continue
+                job = self._prepare(rq.Inputs.of(request, pb_utils))
             except Exception as e:
-                sender.send(_error(f"tensorrt_llm_bls: bad request: {type(e).__name__}: {e}"), flags=FINAL)
+                sender.send(_error(rq.error_text(e, "tensorrt_llm_bls")), flags=FINAL)
                 continue
             job["request_id"] = f"bls-{request.request_id() or ''}-{uuid.uuid4().hex[:12]}"
             self.pool.submit(self._run_safe, job, sender)
         return None
 
     # ------------------------------------------------------------------ request -> job
-    def _prepare(self, request):
-        query = _opt(request, "text_input")
-        if query is None:
-            raise lt.RequestError("text_input is missing: send the prompt as a string")
-        if np.asarray(query).reshape(-1).size != 1:
-            raise lt.RequestError("send exactly one text_input per request (batch 1); use concurrent requests")
-        text = lt.decode_utf8(_first(query), "text_input")
-        max_tokens = _first(_opt(request, "max_tokens"))
-        if max_tokens is None:
-            raise lt.RequestError("max_tokens is missing: send the maximum number of tokens to generate")
-        chat = _opt(request, "chat_messages")
-        system = _opt(request, "system_prompt")
-        apply = _first(_opt(request, "apply_chat_template"))
-        stop_words = lt.string_list(_opt(request, "stop_words"), "stop_words")
-        prep = self.pre.prepare(
-            text, int(max_tokens), apply_chat_template=bool(apply) if apply is not None else False,
-            chat_messages=lt.decode_utf8(_first(chat), "chat_messages") if chat is not None else None,
-            system_prompt=lt.decode_utf8(_first(system), "system_prompt") if system is not None else None,
-            stop_words=stop_words, bad_words=lt.string_list(_opt(request, "bad_words"), "bad_words"),
-            end_id=_first(_opt(request, "end_id")), pad_id=_first(_opt(request, "pad_id")))
-        stream = _first(_opt(request, "stream"))
-        exclude = _first(_opt(request, "exclude_input_in_output"))
-        prep["stream"] = bool(stream) if stream is not None else False
-        prep["exclude"] = bool(exclude) if exclude is not None else self.default_exclude
-        prep["passthrough"] = {dst: np.array([[_first(_opt(request, src))]], dtype=dt)
-                               for src, (dst, dt) in _PASS.items() if _opt(request, src) is not None}
-        return prep
+    def _prepare(self, inp):
+        req = rq.parse_text_request(inp, max_output_len=self.pre.max_output_len, default_exclude=self.default_exclude)
+        job = self.pre.prepare(req)
+        job["stream"], job["exclude"] = req.stream, req.exclude_input
+        job["passthrough"] = req.sampling.llm_tensors()
+        if req.return_log_probs is not None:
+            job["passthrough"]["return_log_probs"] = np.array([[req.return_log_probs]], dtype=np.bool_)
+        return job
 
     def _llm_request(self, job, request_id):
         ids = np.array([job["input_ids"]], dtype=np.int32)

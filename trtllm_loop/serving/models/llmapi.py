@@ -7,7 +7,9 @@ be exercised on a CPU-only machine.
   first so the Loop architecture is registered out of tree);
 * token ids in, token ids out (``detokenize=False``); streaming = one response per new token batch;
 * ``end_id`` not returned, stop sequences returned (TRT-LLM semantics); cancellation by client cancel or by
-  a ``stop=true`` request with the same request id (``RequestOutput.abort()``).
+  a ``stop=true`` request with the same request id (``RequestOutput.abort()``);
+* requests are parsed by ``loop_contract`` (the rules of every model); inputs this model cannot honour (beams,
+  several sequences, log probs / logits, bad words, embedding bias) are refused by name, never ignored.
 """
 import asyncio
 import importlib
@@ -19,24 +21,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    import loop_contract as rq  # rendered repository: 1/loop_contract.py
     import loop_text as lt
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - running from the source tree
+    from trtllm_loop.serving import contract as rq
     from trtllm_loop.serving import textproc as lt
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _opt(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
-
-
-def _scalar(request, name, default=None, cast=None):
-    a = _opt(request, name)
-    if a is None or np.asarray(a).size == 0:
-        return default
-    v = np.asarray(a).reshape(-1)[0].item()
-    return cast(v) if cast else v
+# tensorrt_llm inputs this model does not pass on (one output sequence, token ids only; rq.LLMRequest.features)
+UNSUPPORTED = ("beam_width", "num_return_sequences", *rq.RETURN_FLAGS, "embedding_bias", "bad_words_list")
 
 
 def _ids_response(ids):
@@ -75,52 +68,33 @@ class TritonPythonModel:
         self.by_id: dict = {}
 
     def execute(self, requests):
-        for request in requests:
+        for request in requests:  # each request answers for itself: a bad one never touches the others
             sender = request.get_response_sender()
             try:
-                if _scalar(request, "stop", False, bool):
+                inp = rq.Inputs.of(request, pb_utils)
+                if rq.is_stop(inp):
                     fut = self.by_id.get(request.request_id())
                     if fut is not None:
                         fut.abort()
                     sender.send(flags=FINAL)
                     continue
-                job = self._parse(request)
-            except lt.RequestError as e:
-                sender.send(_error(str(e)), flags=FINAL)
+                job = self._job(rq.parse_llm_request(inp, default_exclude=self.default_exclude))
+            except Exception as e:
+                sender.send(_error(rq.error_text(e, "tensorrt_llm (llmapi)")), flags=FINAL)
                 continue
             asyncio.run_coroutine_threadsafe(self._generate(job, sender, request.request_id()), self.loop)
         return None
 
-    def _parse(self, request):
-        ids = _opt(request, "input_ids")
-        if ids is None:
-            raise lt.RequestError("input_ids is missing: send the prompt token ids (INT32 [1, N])")
-        ids = np.asarray(ids).reshape(-1).astype(np.int64).tolist()
-        n = _scalar(request, "input_lengths", len(ids), int)
-        ids = ids[:n]
-        if not ids:
-            raise lt.RequestError("input_ids is empty: send at least one token")
-        out_len = _scalar(request, "request_output_len", None, int)
-        if out_len is None or out_len < 1:
-            raise lt.RequestError(f"request_output_len must be >= 1, got {out_len}")
-        end_id = _scalar(request, "end_id", None, int)
-        stops = lt.from_word_list(_opt(request, "stop_words_list"))
-        kw = dict(max_tokens=out_len, end_id=end_id, pad_id=_scalar(request, "pad_id", None, int),
-                  temperature=_scalar(request, "temperature", None, float),
-                  top_k=_scalar(request, "runtime_top_k", None, int),
-                  top_p=_scalar(request, "runtime_top_p", None, float),
-                  seed=_scalar(request, "seed", None, int),
-                  repetition_penalty=_scalar(request, "repetition_penalty", None, float),
-                  presence_penalty=_scalar(request, "presence_penalty", None, float),
-                  frequency_penalty=_scalar(request, "frequency_penalty", None, float),
-                  min_tokens=_scalar(request, "min_tokens", None, int),
-                  stop_token_ids=[s[0] for s in stops if len(s) == 1] or None,
-                  detokenize=False)
+    def _job(self, req):
+        req.reject(UNSUPPORTED, "the llmapi tensorrt_llm model")
+        single = [s[0] for s in req.stop_words if len(s) == 1]
+        options = {k: v for k, v in req.sampling.given().items() if k not in ("beam_width", "num_return_sequences")}
+        kw = dict(options, max_tokens=req.output_len, end_id=req.end_id, pad_id=req.pad_id,
+                  stop_token_ids=single or None, detokenize=False)
         sp = self.SamplingParams(**{k: v for k, v in kw.items() if v is not None})
-        multi = [s for s in stops if len(s) > 1]
-        return {"ids": ids, "sp": sp, "end_id": end_id, "multi_stops": multi,
-                "streaming": _scalar(request, "streaming", False, bool),
-                "exclude": _scalar(request, "exclude_input_in_output", self.default_exclude, bool)}
+        return {"ids": req.input_ids, "sp": sp, "end_id": req.end_id,
+                "multi_stops": [s for s in req.stop_words if len(s) > 1],
+                "streaming": req.streaming, "exclude": req.exclude_input}
 
     async def _generate(self, job, sender, triton_id):
         result = None

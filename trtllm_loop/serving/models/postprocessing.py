@@ -19,8 +19,10 @@ class TritonPythonModel:
         self.text = lt.PieceText(self.tok, params.get("skip_special_tokens", "true").lower() == "true")
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        try:
             tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
             lens = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
             if tokens.ndim == 2:  # [batch, tokens] without a beam axis
@@ -31,5 +33,7 @@ class TritonPythonModel:
                 for beam in range(tokens.shape[1]):
                     n = int(lens[b, beam]) if beam < lens.shape[1] else tokens.shape[2]
                     out[b, beam] = self.text(tokens[b, beam, :n].tolist()).encode("utf-8")
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)]))
-        return responses
+        except Exception as e:  # this request fails alone
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"postprocessing: {type(e).__name__}: {e}"))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)])

@@ -22,28 +22,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    import loop_contract as rq  # rendered repository: 1/loop_contract.py
     import loop_text as lt
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - running from the source tree
+    from trtllm_loop.serving import contract as rq
     from trtllm_loop.serving import textproc as lt
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05
-
-
-def _opt(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
-
-
-def _scalar(request, name, default=None, cast=None):
-    a = _opt(request, name)
-    if a is None:
-        return default
-    a = np.asarray(a).reshape(-1)
-    if a.size == 0:
-        return default
-    v = a[0].item() if hasattr(a[0], "item") else a[0]
-    return cast(v) if cast else v
+# tensorrt_llm inputs the paged runtime has no counterpart for (rq.LLMRequest.features names)
+UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "presence_penalty", "frequency_penalty",
+               "min_tokens", *rq.RETURN_FLAGS, "embedding_bias", "bad_words_list")
 
 
 class _Active:
@@ -116,82 +105,32 @@ class TritonPythonModel:
         self.thread = threading.Thread(target=self._engine_loop, name="loop-engine", daemon=True)
         self.thread.start()
 
-    # ------------------------------------------------------------------ request parsing (Triton thread)
-    def _parse(self, request):
-        ids = _opt(request, "input_ids")
-        if ids is None:
-            raise lt.RequestError("input_ids is missing: send the prompt token ids (INT32 [1, N])")
-        ids = np.asarray(ids)
-        if ids.ndim == 2 and ids.shape[0] != 1:
-            raise lt.RequestError(f"batch of {ids.shape[0]} prompts in one request: the reference runtime takes one "
-                                  "prompt per request; send concurrent requests instead")
-        ids = ids.reshape(-1).astype(np.int64).tolist()
-        n = _scalar(request, "input_lengths", len(ids), int)
-        if not 0 < n <= len(ids):
-            raise lt.RequestError(f"input_lengths={n} but input_ids has {len(ids)} ids: send 1..{len(ids)}")
-        ids = ids[:n]
-        bad = [t for t in ids if not 0 <= t < self.vocab]
-        if bad:
-            raise lt.RequestError(f"input_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab})")
-        if n >= self.max_seq_len:
-            raise lt.RequestError(f"the prompt is {n} tokens long; this model serves at most {self.max_seq_len - 1} "
-                                  "prompt tokens (max_seq_len - 1): shorten the prompt")
-        out_len = _scalar(request, "request_output_len", None, int)
-        if out_len is None or out_len < 1:
-            raise lt.RequestError(f"request_output_len must be >= 1, got {out_len}: ask for at least one token")
-        out_len = min(out_len, self.max_seq_len - n)
-        for name, default in (("beam_width", 1), ("num_return_sequences", 1)):
-            v = _scalar(request, name, default, int)
-            if v != default:
-                raise lt.RequestError(f"{name}={v} is not supported by the reference runtime: use {default}")
-        for name, default in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                              ("min_tokens", 0)):
-            v = _scalar(request, name, default, float)
-            if v != default and not (name == "min_tokens" and v <= 1):
-                raise lt.RequestError(f"{name}={v} is not supported by the reference runtime: leave it unset")
-        for name in ("return_log_probs", "return_context_logits", "return_generation_logits"):
-            if _scalar(request, name, False, bool):
-                raise lt.RequestError(f"{name} is not supported by the reference runtime: leave it unset")
-        if _opt(request, "embedding_bias") is not None and np.asarray(_opt(request, "embedding_bias")).size:
-            raise lt.RequestError("embedding_bias is not supported by the reference runtime: leave it unset")
-        if lt.from_word_list(_opt(request, "bad_words_list")):
-            raise lt.RequestError("bad_words are not supported by the reference runtime: leave them unset")
-        temperature = _scalar(request, "temperature", 0.0, float)
-        top_k = _scalar(request, "runtime_top_k", 0, int)
-        top_p = _scalar(request, "runtime_top_p", 1.0, float)
-        if temperature < 0:
-            raise lt.RequestError(f"temperature must be >= 0, got {temperature}")
-        if top_k < 0:
-            raise lt.RequestError(f"top_k must be >= 0 (0 = off), got {top_k}")
-        if not 0 < top_p <= 1:
-            raise lt.RequestError(f"top_p must be in (0, 1], got {top_p}")
-        seed = _scalar(request, "seed", None, int)
-        end_id = _scalar(request, "end_id", None, int)
-        stops = lt.from_word_list(_opt(request, "stop_words_list"))
-        sp = self.SamplingParams(max_tokens=out_len, temperature=temperature, top_k=top_k,
-                                 top_p=top_p if top_p > 0 else 1.0, seed=seed,
-                                 # end_id < 0: no end token (TRT-LLM); unset: the model's eos ids
-                                 stop_token_ids=None if end_id is None else ((end_id,) if end_id >= 0 else ()),
-                                 stop_sequences=stops, ignore_eos=False)
-        exclude = _scalar(request, "exclude_input_in_output", self.default_exclude, bool)
-        streaming = _scalar(request, "streaming", False, bool)
-        return ids, sp, streaming, exclude, end_id
+    # ------------------------------------------------------------------ requests (Triton thread)
+    def _sampling_params(self, req):
+        req.reject(UNSUPPORTED, "the reference runtime")
+        s = req.sampling
+        return self.SamplingParams(
+            max_tokens=req.output_len, temperature=0.0 if s.temperature is None else s.temperature,
+            top_k=s.top_k or 0, top_p=1.0 if s.top_p is None else s.top_p, seed=s.seed,
+            # end_id < 0: no end token (TRT-LLM); unset: the model's eos ids
+            stop_token_ids=None if req.end_id is None else ((req.end_id,) if req.end_id >= 0 else ()),
+            stop_sequences=req.stop_words, ignore_eos=False)
 
     def execute(self, requests):
-        for request in requests:
+        for request in requests:  # each request answers for itself: a bad one never touches the others
             sender = request.get_response_sender()
             try:
-                if _scalar(request, "stop", False, bool):
+                inp = rq.Inputs.of(request, pb_utils)
+                if rq.is_stop(inp):
                     self.inbox.put(("stop", request.request_id(), sender))
                     continue
-                ids, sp, streaming, exclude, end_id = self._parse(request)
-            except lt.RequestError as e:
-                sender.send(_error(str(e)), flags=FINAL)
+                req = rq.parse_llm_request(inp, default_exclude=self.default_exclude, vocab_size=self.vocab,
+                                           max_seq_len=self.max_seq_len)
+                sp = self._sampling_params(req)
+            except Exception as e:
+                sender.send(_error(rq.error_text(e, "tensorrt_llm")), flags=FINAL)
                 continue
-            except Exception as e:  # malformed tensors: report, never crash the stub
-                sender.send(_error(f"tensorrt_llm: bad request: {type(e).__name__}: {e}"), flags=FINAL)
-                continue
-            a = _Active(sender, streaming, exclude, ids, end_id, request.request_id())
+            a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id())
             self.inbox.put(("add", a, sp))
         return None
 

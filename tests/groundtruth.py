@@ -1,0 +1,30 @@
+"""Ground truth for the serving tests, independent of what they test: the reference model
+(``trtllm_loop.modeling.load.load_model``, the HF module with its contiguous attention, a full forward over the
+whole sequence at every step -- no cache, no paged runtime, no Triton model code) decoded greedily in process,
+with TensorRT-LLM's stop semantics written out here again.
+"""
+from __future__ import annotations
+
+import torch
+
+# a step whose two best logits are closer than this is not a usable ground truth (float noise could flip it)
+MIN_MARGIN = 1e-4
+
+
+@torch.no_grad()
+def greedy(model, prompt: list[int], max_tokens: int, end_ids=(), stop_ids=()) -> list[int]:
+    """Greedy continuation of ``prompt``: an id in ``end_ids`` ends it and is not returned (TRT-LLM's end_id),
+    one in ``stop_ids`` ends it and is returned (single-token stop words)."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        logits = model(torch.tensor([list(prompt) + out])).logits[0, -1].float()
+        top = torch.topk(logits, 2).values
+        gap = float(top[0] - top[1])
+        assert gap > MIN_MARGIN, f"greedy step {len(out)} after {prompt + out} is a near tie ({gap:.2e}): pick another prompt"
+        t = int(torch.argmax(logits))
+        if t in end_ids:
+            break
+        out.append(t)
+        if t in stop_ids:
+            break
+    return out

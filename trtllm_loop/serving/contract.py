@@ -1,0 +1,438 @@
+"""The request contract of every Triton Python model, parsed and validated in one place.
+
+* :func:`parse_llm_request` -> :class:`LLMRequest`: the ``tensorrt_llm`` model's inputs, TensorRT-LLM's tensor
+  contract (``triton_repo/common/tensorrt_llm_io.pbtxt``), read by the ``reference`` and ``llmapi`` models;
+* :func:`parse_text_requests` / :func:`parse_text_request` -> :class:`TextRequest`: the client contract
+  (``triton_repo/common/client_io.pbtxt``), read by ``tensorrt_llm_bls`` and, under the ensemble's tensor names
+  (:data:`PREPROCESSING_NAMES`), by ``preprocessing``.
+
+The same rules for every model:
+
+* an error names the input tensor and the allowed values (:class:`RequestError`); it answers its own request
+  only, the others of the same ``execute()`` batch go on (TensorRT-LLM's C++ backend does the same:
+  ``triton_backend/inflight_batcher_llm/src/model_instance_state.cc``, ``enqueue``, one try/catch per request);
+* a tensor of the wrong type is refused (integer inputs take integer tensors, ...), and a scalar input holds
+  exactly one value per prompt (``get_input_scalar_by_name`` in
+  ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/1/model.py``: "Expected a scalar tensor");
+* ``tensorrt_llm`` takes one prompt per request, like TensorRT-LLM's LLM-API model
+  (``triton_backend/all_models/llmapi/tensorrt_llm/1/model.py``, "JIRA-4496 ... batched prompts"); so does
+  ``tensorrt_llm_bls``; ``preprocessing`` takes a batch (one bad row fails its whole request);
+* ``input_lengths`` must be 1..len(input_ids): a shorter value trims the row's padding (upstream's
+  ``convert_request`` slices ``input_token_ids[0:input_length]``), a longer one is refused rather than silently
+  sliced to the ids there are -- it means the two tensors disagree;
+* sampling values are checked once, by :data:`SAMPLING` (ranges as in ``tensorrt_llm/sampling_params.py``
+  ``SamplingParams._validate``, except that ``top_p`` 0 is refused instead of meaning "off", and NaN / inf are
+  refused everywhere).
+
+Copied verbatim into every rendered Python model as ``1/loop_contract.py`` (beside ``loop_text.py``), so it
+imports only numpy and the standard library.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+MAX_STOP_WORDS = 64
+
+
+class RequestError(ValueError):
+    """A bad request; the message names the input tensor and the fix. Sent back as the Triton error."""
+
+
+def error_text(exc: Exception, model: str) -> str:
+    """The error message a model answers a failed request with: ours verbatim, anything else labelled."""
+    if isinstance(exc, RequestError):
+        return str(exc)
+    return f"{model}: bad request: {type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- tensor access
+class Inputs:
+    """The input tensors of one Triton request as numpy arrays (an absent optional input is ``None``).
+
+    ``names`` maps a contract input to the model's own tensor name (the preprocessing's ``QUERY`` is the
+    client's ``text_input``); errors always use the contract name, the one the client sent."""
+
+    def __init__(self, tensors: Mapping[str, Any] | Callable[[str], Any], names: Mapping[str, str] | None = None):
+        self._get = tensors if callable(tensors) else tensors.get
+        self._names = dict(names or {})
+
+    @classmethod
+    def of(cls, request, pb_utils, names: Mapping[str, str] | None = None) -> "Inputs":
+        def get(name):
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            return None if t is None else t.as_numpy()
+        return cls(get, names)
+
+    def get(self, name: str):
+        a = self._get(self._names.get(name, name))
+        return None if a is None else np.asarray(a)
+
+
+# contract input -> Triton type and the numpy dtype kinds it accepts
+_TYPES = {int: ("INT32", "iu"), float: ("FP32", "fiu"), bool: ("BOOL", "b"), str: ("STRING", "OSU")}
+
+
+def decode_utf8(value, name: str) -> str:
+    """A STRING tensor element (bytes) as text; invalid UTF-8 is a client error naming the input."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name} is not valid UTF-8 ({e.reason} at byte offset {e.start}): "
+                           f"send the text UTF-8 encoded") from None
+
+
+def tensor(inp: Inputs, name: str, kind: type):
+    """The input as an array of the right kind, or None when absent."""
+    a = inp.get(name)
+    if a is not None and a.dtype.kind not in _TYPES[kind][1]:
+        raise RequestError(f"{name} must be a tensor of {_TYPES[kind][0]}, got {a.dtype}")
+    return a
+
+
+def _convert(v, kind: type, name: str):
+    if kind is str:
+        return decode_utf8(v, name)
+    return kind(v.item() if hasattr(v, "item") else v)
+
+
+def scalars(inp: Inputs, name: str, kind: type, batch: int = 1) -> list:
+    """One value per prompt (``[batch]`` / ``[batch, 1]``); ``[None] * batch`` when the input is absent."""
+    a = tensor(inp, name, kind)
+    if a is None:
+        return [None] * batch
+    if a.size != batch:
+        raise RequestError(f"{name} must hold one value per prompt (shape [{batch}, 1]), got shape {list(a.shape)}")
+    return [_convert(v, kind, name) for v in a.reshape(-1)]
+
+
+def scalar(inp: Inputs, name: str, kind: type, default=None):
+    """The one value of a one-prompt request's scalar input, or ``default`` when absent."""
+    v = scalars(inp, name, kind)[0]
+    return default if v is None else v
+
+
+def rows(inp: Inputs, name: str, kind: type, batch: int, row_ndim: int = 1) -> list:
+    """A list input split into one row per prompt: ``[batch, *row]``, or just ``row`` for one prompt."""
+    a = tensor(inp, name, kind)
+    if a is None:
+        return [None] * batch
+    if a.ndim == row_ndim + 1 and a.shape[0] == batch:
+        return list(a)
+    if a.ndim == row_ndim and batch == 1:
+        return [a]
+    raise RequestError(f"{name} must have one row per prompt (shape [{batch}, ...]), got shape {list(a.shape)}")
+
+
+def string_list(arr, name: str) -> list[str]:
+    """A STRING row -> its words (empty strings dropped), at most :data:`MAX_STOP_WORDS`."""
+    if arr is None:
+        return []
+    words = [decode_utf8(v, name) for v in np.asarray(arr, dtype=object).reshape(-1)]
+    words = [w for w in words if w != ""]
+    if len(words) > MAX_STOP_WORDS:
+        raise RequestError(f"{name} has {len(words)} entries; at most {MAX_STOP_WORDS} are allowed")
+    return words
+
+
+# ----------------------------------------------------------------------------- TRT-LLM word lists
+def to_word_list(sequences: list[list[int]]) -> np.ndarray:
+    """TRT-LLM ``[2, N]`` format: row 0 = concatenated ids, row 1 = cumulative end offsets, padded with -1."""
+    flat: list[int] = []
+    offsets: list[int] = []
+    for s in sequences:
+        flat += [int(t) for t in s]
+        offsets.append(len(flat))
+    n = max(len(flat), 1)
+    out = np.full((2, n), -1, dtype=np.int32)
+    out[0, :len(flat)] = flat
+    out[1, :len(offsets)] = offsets
+    return out
+
+
+def from_word_list(arr, name: str = "stop/bad words list") -> list[list[int]]:
+    """Inverse of :func:`to_word_list` (accepts ``[1, 2, N]`` or ``[2, N]``)."""
+    if arr is None:
+        return []
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2 or a.shape[0] != 2:
+        raise RequestError(f"{name} must have shape [2, N] (ids row, offsets row), got {list(a.shape)}")
+    ids, offs = a[0].tolist(), [int(o) for o in a[1].tolist() if o >= 0]
+    seqs, start = [], 0
+    for end in offs:
+        if end > len(ids):
+            raise RequestError(f"{name} has an offset {end} past its {len(ids)} ids: offsets are cumulative ends")
+        if end > start:
+            seqs.append([int(t) for t in ids[start:end]])
+        start = end
+    return seqs
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class _Option:
+    name: str                    # client input and :class:`Sampling` attribute (and LLM-API SamplingParams name)
+    llm: str                     # tensorrt_llm input
+    kind: type
+    dtype: type                  # numpy dtype of the tensorrt_llm tensor
+    rule: str                    # the allowed values, for the error message
+    ok: Callable[[Any], bool]
+    off: tuple | None = None     # values that leave the feature off (None: every backend has it)
+
+
+SAMPLING = (
+    _Option("temperature", "temperature", float, np.float32, ">= 0 (0 = greedy)", lambda v: 0 <= v < math.inf),
+    _Option("top_k", "runtime_top_k", int, np.int32, ">= 0 (0 = off)", lambda v: v >= 0),
+    _Option("top_p", "runtime_top_p", float, np.float32, "in (0, 1] (1 = off)", lambda v: 0 < v <= 1),
+    _Option("seed", "seed", int, np.uint64, ">= 0", lambda v: v >= 0),
+    _Option("length_penalty", "len_penalty", float, np.float32, "a finite number", math.isfinite),
+    _Option("repetition_penalty", "repetition_penalty", float, np.float32, "> 0 (1 = off)",
+            lambda v: 0 < v < math.inf, (1.0,)),
+    _Option("presence_penalty", "presence_penalty", float, np.float32, "a finite number (0 = off)", math.isfinite,
+            (0.0,)),
+    _Option("frequency_penalty", "frequency_penalty", float, np.float32, "a finite number (0 = off)", math.isfinite,
+            (0.0,)),
+    _Option("min_tokens", "min_tokens", int, np.int32, ">= 0", lambda v: v >= 0, (0, 1)),
+    _Option("beam_width", "beam_width", int, np.int32, ">= 1", lambda v: v >= 1, (1,)),
+    _Option("num_return_sequences", "num_return_sequences", int, np.int32, ">= 1", lambda v: v >= 1, (1,)),
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling inputs a request set (``None``: unset, the backend's default)."""
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    length_penalty: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    beam_width: int | None = None
+    num_return_sequences: int | None = None
+
+    @classmethod
+    def parse(cls, inp: Inputs, batch: int = 1, llm: bool = True) -> list["Sampling"]:
+        """One per prompt, from the ``tensorrt_llm`` inputs (``llm``) or the client's."""
+        per = {}
+        for o in SAMPLING:
+            name = o.llm if llm else o.name
+            values = scalars(inp, name, o.kind, batch)
+            for v in values:
+                if v is not None and not o.ok(v):
+                    alias = f" (the client's {o.name})" if name != o.name else ""
+                    raise RequestError(f"{name} must be {o.rule}, got {_show(v)}{alias}")
+            per[o.name] = values
+        return [cls(**{k: v[b] for k, v in per.items()}) for b in range(batch)]
+
+    def given(self) -> dict:
+        """The options that were set, by :class:`Sampling` name."""
+        return {o.name: getattr(self, o.name) for o in SAMPLING if getattr(self, o.name) is not None}
+
+    def llm_tensors(self) -> dict[str, np.ndarray]:
+        """The options that were set as ``tensorrt_llm`` input tensors (``[1, 1]``), for a BLS request."""
+        return {o.llm: np.array([[getattr(self, o.name)]], dtype=o.dtype) for o in SAMPLING
+                if getattr(self, o.name) is not None}
+
+
+def _show(v):
+    return f"{v:g}" if isinstance(v, float) else v
+
+
+# ----------------------------------------------------------------------------- tensorrt_llm requests
+RETURN_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One prompt for ``tensorrt_llm`` (TensorRT-LLM's tensor contract), validated."""
+    input_ids: list[int]
+    output_len: int                     # request_output_len, at most max_seq_len - len(input_ids) when known
+    end_id: int | None = None           # None: the model's eos ids; < 0: no end token (TRT-LLM)
+    pad_id: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_words: list[list[int]] = field(default_factory=list)
+    bad_words: list[list[int]] = field(default_factory=list)
+    embedding_bias: bool = False        # a non-empty embedding_bias was sent
+    returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true
+    streaming: bool = False
+    exclude_input: bool = False
+
+    def features(self) -> dict[str, str]:
+        """The optional features this request turns on: input name -> how it was set."""
+        out = {o.llm: f"{o.llm}={_show(getattr(self.sampling, o.name))}" for o in SAMPLING
+               if o.off is not None and getattr(self.sampling, o.name) not in (None, *o.off)}
+        out.update({r: r for r in self.returns})
+        if self.bad_words:
+            out["bad_words_list"] = "bad_words_list"
+        if self.embedding_bias:
+            out["embedding_bias"] = "embedding_bias"
+        return out
+
+    def reject(self, unsupported, who: str) -> None:
+        """Refuse a request that turns on one of the ``unsupported`` inputs, naming it."""
+        on = self.features()
+        for name in unsupported:
+            if name in on:
+                off = next((o.off[0] for o in SAMPLING if o.llm == name and o.off), None)
+                fix = "leave it unset" + (f" or send {off}" if off is not None else "")
+                raise RequestError(f"{on[name]} is not supported by {who}: {fix}")
+
+
+def is_stop(inp: Inputs) -> bool:
+    """TensorRT-LLM's cancel request: ``stop=true`` with the request id of the request to end."""
+    return bool(scalar(inp, "stop", bool, False))
+
+
+def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size: int | None = None,
+                      max_seq_len: int | None = None) -> LLMRequest:
+    ids = tensor(inp, "input_ids", int)
+    if ids is None:
+        raise RequestError("input_ids is missing: send the prompt token ids (INT32 [1, N])")
+    if ids.ndim == 2 and ids.shape[0] != 1:
+        raise RequestError(f"batch of {ids.shape[0]} prompts in one request: tensorrt_llm takes one prompt per "
+                           "request; send concurrent requests instead")
+    if ids.ndim not in (1, 2):
+        raise RequestError(f"input_ids must have shape [1, N], got {list(ids.shape)}")
+    ids = [int(t) for t in ids.reshape(-1)]
+    if not ids:
+        raise RequestError("input_ids is empty: send at least one token")
+    n = scalar(inp, "input_lengths", int, len(ids))
+    if not 0 < n <= len(ids):
+        raise RequestError(f"input_lengths={n} but input_ids has {len(ids)} ids: send 1..{len(ids)}")
+    ids = ids[:n]
+    bad = next((t for t in ids if t < 0 or (vocab_size and t >= vocab_size)), None)
+    if bad is not None:
+        allowed = f"[0, {vocab_size})" if vocab_size else "[0, vocab_size)"
+        raise RequestError(f"input_ids contains {bad}, outside the vocabulary {allowed}")
+    if max_seq_len and n >= max_seq_len:
+        raise RequestError(f"the prompt is {n} tokens long; this model serves at most {max_seq_len - 1} "
+                           "prompt tokens (max_seq_len - 1): shorten the prompt")
+    out_len = scalar(inp, "request_output_len", int)
+    if out_len is None or out_len < 1:
+        raise RequestError(f"request_output_len must be >= 1, got {out_len}: ask for at least one token")
+    if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise
+        out_len = min(out_len, max_seq_len - n)
+    bias = tensor(inp, "embedding_bias", float)
+    return LLMRequest(
+        input_ids=ids, output_len=out_len, end_id=scalar(inp, "end_id", int), pad_id=scalar(inp, "pad_id", int),
+        sampling=Sampling.parse(inp)[0],
+        stop_words=from_word_list(rows(inp, "stop_words_list", int, 1, 2)[0], "stop_words_list"),
+        bad_words=from_word_list(rows(inp, "bad_words_list", int, 1, 2)[0], "bad_words_list"),
+        embedding_bias=bias is not None and bias.size > 0,
+        returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
+        streaming=scalar(inp, "streaming", bool, False),
+        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude))
+
+
+# ----------------------------------------------------------------------------- client (text) requests
+# the ensemble's names for the client inputs the preprocessing model receives (triton_repo/common/ensemble)
+PREPROCESSING_NAMES = {"text_input": "QUERY", "max_tokens": "REQUEST_OUTPUT_LEN",
+                       "apply_chat_template": "APPLY_CHAT_TEMPLATE", "chat_messages": "CHAT_MESSAGES",
+                       "system_prompt": "SYSTEM_PROMPT", "stop_words": "STOP_WORDS_DICT",
+                       "bad_words": "BAD_WORDS_DICT", "end_id": "END_ID", "pad_id": "PAD_ID"}
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """One prompt of the client contract (``ensemble`` / ``tensorrt_llm_bls``), validated."""
+    text: str
+    max_tokens: int
+    chat: list[dict] | None = None      # the messages to apply the chat template to; None: ``text`` verbatim
+    stop_words: list[str] = field(default_factory=list)
+    bad_words: list[str] = field(default_factory=list)
+    end_id: int | None = None
+    pad_id: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    return_log_probs: bool | None = None
+    stream: bool = False
+    exclude_input: bool = False
+
+
+def check_max_tokens(max_tokens: int | None, max_output_len: int = 0) -> int:
+    if max_tokens is None:
+        raise RequestError("max_tokens is missing: send the maximum number of tokens to generate (>= 1)")
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens must be >= 1, got {max_tokens}: ask for at least one token")
+    if max_output_len and max_tokens > max_output_len:
+        raise RequestError(f"max_tokens={max_tokens} exceeds this server's maximum of {max_output_len} "
+                           "(max_output_len): ask for fewer tokens")
+    return max_tokens
+
+
+def chat_messages(text: str, apply_chat_template: bool, messages_json: str | None,
+                  system_prompt: str | None) -> list[dict] | None:
+    """The chat to render: ``chat_messages`` (a JSON list of ``{"role", "content"}``) and/or ``text`` as the
+    last user turn, ``system_prompt`` first; None when the request is a plain prompt."""
+    messages: list[dict] = []
+    if messages_json:
+        try:
+            messages = json.loads(messages_json)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"chat_messages is not valid JSON ({e.msg} at char {e.pos}): send a JSON list "
+                               'like [{"role": "user", "content": "hi"}]') from None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise RequestError('chat_messages must be a JSON list of {"role": str, "content": str} objects')
+        apply_chat_template = True
+    if not apply_chat_template:
+        if not text:
+            raise RequestError("text_input is empty: send a non-empty prompt (or chat_messages)")
+        return None
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if text:
+        messages.append({"role": "user", "content": text})
+    if not messages or all(m["role"] == "system" for m in messages):
+        raise RequestError("the chat is empty: send text_input (the user message) or chat_messages")
+    return messages
+
+
+def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude: bool = False,
+                        single: bool = False) -> list[TextRequest]:
+    """One :class:`TextRequest` per prompt of the batch (``single``: exactly one prompt)."""
+    q = tensor(inp, "text_input", str)
+    if q is None:
+        raise RequestError("text_input is missing: send the prompt as a string")
+    batch = q.shape[0] if q.ndim else 1
+    if single and q.size != 1:
+        raise RequestError("send exactly one text_input per request (batch 1); use concurrent requests")
+    if q.size != batch:
+        raise RequestError(f"text_input must hold one string per prompt (shape [{batch}, 1]), "
+                           f"got shape {list(q.shape)}")
+    texts = [decode_utf8(v, "text_input") for v in q.reshape(-1)]
+    get = {name: scalars(inp, name, kind, batch) for name, kind in (
+        ("max_tokens", int), ("apply_chat_template", bool), ("chat_messages", str), ("system_prompt", str),
+        ("end_id", int), ("pad_id", int), ("return_log_probs", bool), ("stream", bool),
+        ("exclude_input_in_output", bool))}
+    stops, bads = rows(inp, "stop_words", str, batch), rows(inp, "bad_words", str, batch)
+    sampling = Sampling.parse(inp, batch, llm=False)
+    out = []
+    for b in range(batch):
+        v = {k: vals[b] for k, vals in get.items()}
+        out.append(TextRequest(
+            text=texts[b], max_tokens=check_max_tokens(v["max_tokens"], max_output_len),
+            chat=chat_messages(texts[b], bool(v["apply_chat_template"]), v["chat_messages"], v["system_prompt"]),
+            stop_words=string_list(stops[b], "stop_words"), bad_words=string_list(bads[b], "bad_words"),
+            end_id=v["end_id"], pad_id=v["pad_id"], sampling=sampling[b], return_log_probs=v["return_log_probs"],
+            stream=bool(v["stream"]),
+            exclude_input=default_exclude if v["exclude_input_in_output"] is None else v["exclude_input_in_output"]))
+    return out
+
+
+def parse_text_request(inp: Inputs, **kw) -> TextRequest:
+    """The one prompt of a ``tensorrt_llm_bls`` request."""
+    return parse_text_requests(inp, single=True, **kw)[0]
