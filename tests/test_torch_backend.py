@@ -262,8 +262,8 @@ def test_double_enforces_the_trtllm_contracts():
     from tensorrt_llm._torch.attention_backend.utils import create_attention
     from tensorrt_llm._torch.model_config import ModelConfig
     from tensorrt_llm._torch.pyexecutor.resource_manager import KVCacheManager
-    from tensorrt_llm.bindings.executor import KvCacheConfig
     from tensorrt_llm.bindings.internal.batch_manager import CacheType
+    from tensorrt_llm.llmapi import KvCacheConfig
     from tensorrt_llm.functional import PositionEmbeddingType
     from tensorrt_llm.mapping import Mapping
     from transformers import PretrainedConfig
@@ -292,8 +292,9 @@ def test_double_enforces_the_trtllm_contracts():
     md.prepare()
     qkv = torch.randn(3, (4 + 2 * 2) * 8)
     local = create_attention("TRTLLM", 1, 4, 8, 2, pos_embd_params=rope)
-    with pytest.raises(ValueError, match="disagrees with the KV cache's max_attention_window"):
-        local.forward(qkv, None, None, md)  # KV layer 1 has window 4; the call must say so
+    # KV layer 1 has window 4: without attention_window_size the real op silently uses max_seq_len
+    local.forward(qkv, None, None, md)
+    assert md.window_mismatches == [(1, None, 4)]
     with pytest.raises(ValueError, match="Only fused QKV"):
         local.forward(qkv[:, :32], qkv[:, 32:48], qkv[:, 48:], md, attention_window_size=4)
     assert local.forward(qkv, None, None, md, attention_window_size=4).shape == (3, 32)

@@ -55,12 +55,13 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
                prefill_len: int | None = None, tp_size: int = 1) -> list[np.ndarray]:
     """float32 logits ``[T, V]`` of every sequence, computed by the TRT-LLM PyTorch-backend model."""
     tllm, is_double = ensure_tensorrt_llm()
+    from tensorrt_llm._torch.attention_backend.interface import AttentionRuntimeFeatures
     from tensorrt_llm._torch.attention_backend.utils import get_attention_backend
     from tensorrt_llm._torch.metadata import KVCacheParams
     from tensorrt_llm._torch.model_config import ModelConfig
     from tensorrt_llm._torch.pyexecutor.resource_manager import KVCacheManager
     from tensorrt_llm.bindings import DataType
-    from tensorrt_llm.bindings.executor import KvCacheConfig
+    from tensorrt_llm.llmapi import KvCacheConfig  # llm_args.KvCacheConfig: the class KVCacheManager asserts
     from tensorrt_llm.bindings.internal.batch_manager import CacheType
     from tensorrt_llm.mapping import Mapping
 
@@ -102,9 +103,16 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
                                    attn_backend="TRTLLM", max_num_tokens=max_num_tokens)
         model = TrtllmLoopForCausalLM(model_config).to(device)
         model.load_weights(weights)
+        for module in model.modules():  # what TRT-LLM's ModelLoader does after loading (model_loader.py)
+            if hasattr(module, "post_load_weights"):
+                module.post_load_weights()
         model.eval()
         kv_cache_config = KvCacheConfig(max_tokens=len(seqs) * max_seq_len, enable_block_reuse=False,
-                                        max_attention_window=cfg.window_pattern(max_seq_len))
+                                        max_attention_window=cfg.window_pattern(max_seq_len),
+                                        tokens_per_block=tokens_per_block)
+        # the PyExecutor's features with chunked prefill (py_executor_creator.py): paged context FMHA, so a
+        # later context chunk attends over the earlier ones
+        features = AttentionRuntimeFeatures(chunked_prefill=True, chunk_size=max_num_tokens)
         mgr = KVCacheManager(kv_cache_config, CacheType.SELF, num_layers=cfg.num_kv_slots,
                              num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                              tokens_per_block=tokens_per_block, max_seq_len=max_seq_len, max_batch_size=len(seqs),
@@ -123,7 +131,8 @@ def run_logits(ckpt, seqs: list[list[int]], *, dtype: str = "float32", tokens_pe
                                                                 num_cached_tokens_per_seq=[p for _, p, _, _ in step]),
                                   kv_cache_manager=mgr, request_ids=[i for i, *_ in step],
                                   prompt_lens=[prefill[i] for i, *_ in step],
-                                  max_num_requests=len(seqs), max_num_tokens=max_num_tokens)
+                                  max_num_requests=len(seqs), max_num_tokens=max_num_tokens,
+                                  runtime_features=features)
                 with torch.inference_mode():
                     md.prepare()
                     logits = model.forward(input_ids=ids.to(device), position_ids=pos.to(device).unsqueeze(0),

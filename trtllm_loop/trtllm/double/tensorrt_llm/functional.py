@@ -7,6 +7,9 @@ class PositionEmbeddingType(enum.IntEnum):
     rope_gptj = 1
     rope_gpt_neox = 2
 
+    def is_rope(self) -> bool:  # functional.py @b35ac1b (the double's members only)
+        return self in (PositionEmbeddingType.rope_gptj, PositionEmbeddingType.rope_gpt_neox)
+
 
 class AllReduceParams:
     def __init__(self, enable_allreduce: bool = True, **kwargs):

@@ -1,7 +1,7 @@
 """Mimics ``tensorrt_llm/_torch/attention_backend/interface.py`` (1.2.1): the metadata every attention backend
 reads, RoPE parameters and the backend base class."""
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, List, Optional, TypeVar
 
 import torch
@@ -16,6 +16,18 @@ from ..metadata import KVCacheParams
 class PredefinedAttentionMask(str, enum.Enum):
     CAUSAL = "causal"
     FULL = "full"
+
+
+@dataclass
+class AttentionRuntimeFeatures:
+    """interface.py @b35ac1b: what the runtime enables; ``chunked_prefill`` or ``cache_reuse`` select paged
+    context FMHA in ``TrtllmAttention.forward`` (trtllm.py), without which a later context chunk does not
+    attend over the earlier ones."""
+    chunked_prefill: bool = False
+    cache_reuse: bool = False
+    has_speculative_draft_tokens: bool = False
+    chunk_size: int = 0
+    chunked_prefill_buffer_batch_size: int = 4
 
 
 @dataclass(kw_only=True)
@@ -33,6 +45,7 @@ class AttentionMetadata:
     request_ids: Optional[List[int]] = None
     prompt_lens: Optional[List[int]] = None
     is_cuda_graph: bool = False
+    runtime_features: AttentionRuntimeFeatures = field(default_factory=AttentionRuntimeFeatures)
 
     @property
     def num_seqs(self) -> int:
@@ -68,12 +81,19 @@ class RopeParams:
                           max_positions=config.max_position_embeddings)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class PositionalEmbeddingParams:
+    """interface.py @b35ac1b: frozen, and ``__post_init__`` asserts a RoPE type carries ``rope``."""
     type: PositionEmbeddingType
     embedder: Optional[object] = None
     rope: Optional[RopeParams] = None
     is_neox: bool = True
+    mrope_section: Optional[List[int]] = None
+
+    def __post_init__(self) -> None:
+        assert self.embedder is None, f"Embedder must be None for {self.type}"
+        if self.type.is_rope():
+            assert self.rope is not None, f"{self.type} requires a not-none rope"
 
 
 TMetadata = TypeVar("TMetadata", bound=AttentionMetadata)

@@ -1,11 +1,25 @@
-"""Mimics ``tensorrt_llm/_torch/attention_backend/trtllm.py`` (1.2.1) ``TrtllmAttention`` on the project's paged
-runtime emulator (:class:`trtllm_loop.runtime.attention.PagedBackend`).
+"""Mimics ``tensorrt_llm/_torch/attention_backend/trtllm.py`` (reference commit in ../shared/reference/MANIFEST.md)
+``TrtllmAttention`` on the project's paged runtime emulator (:class:`trtllm_loop.runtime.attention.PagedBackend`).
 
 Behaviour reproduced from the C++ op (``cpp/tensorrt_llm/thop/attentionOp.cpp``): fused pre-RoPE QKV in only
 ("Only fused QKV is supported for non-MLA attention now"), NeoX RoPE applied inside at each token's position,
 the step's K/V **appended** to KV layer ``layer_idx`` ("KV cache update cannot be disabled now"), then causal
 attention over that layer, limited to the last ``attention_window_size`` keys including the current one. Two
-backend objects with the same ``layer_idx`` read and write the same cache layer."""
+backend objects with the same ``layer_idx`` read and write the same cache layer.
+
+Mirrored from ``TrtllmAttention.forward`` / ``TrtllmAttentionWrapper.plan``:
+
+* the parameter order of ``forward`` (``out_scale``, ``out_scale_sf``, ... positional; the rest keyword-only);
+* ``attention_window_size or max_sequence_length`` (``plan``): a window that disagrees with the KV cache's
+  ``max_attention_window`` is **not** an error there -- the kernel silently attends over the window it was
+  given; the double does the same (over the keys its cache holds) and records the mismatch in
+  ``metadata.window_mismatches`` so tests can show the adapter never relies on it;
+* ``use_paged_context_fmha = chunked_prefill or cache_reuse or has_speculative_draft_tokens`` (from
+  ``metadata.runtime_features``): without it a context chunk after the first does not read the earlier chunks
+  from the cache (wrong numbers on real hardware, SM90 aside); the double refuses that step instead, so CI
+  catches it;
+* with an NVFP4 ``quant_config`` and ``enable_attn_nvfp4_output=True`` (the default) the real op returns
+  ``(output, output_sf)`` with NVFP4 output; the double returns a tuple there too."""
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -33,6 +47,7 @@ class TrtllmAttentionMetadata(AttentionMetadata):
         self.step = StepMetadata(list(self.request_ids), past, new)
         self.kv_cache_manager.prepare_step(self.step)
         self._backends = {}
+        self.window_mismatches = []
 
 
 class TrtllmAttention(AttentionBackend[TrtllmAttentionMetadata]):
@@ -47,38 +62,55 @@ class TrtllmAttention(AttentionBackend[TrtllmAttentionMetadata]):
         if pos_embd_params is None or pos_embd_params.type != PositionEmbeddingType.rope_gpt_neox:
             raise NotImplementedError("the double implements fused NeoX (rotate-half) RoPE only")
         self.rope_theta = pos_embd_params.rope.theta
+        algo = getattr(quant_config, "quant_algo", None)
+        self.has_nvfp4 = algo is not None and getattr(algo, "value", algo) == "NVFP4"
 
-    def _paged(self, metadata: TrtllmAttentionMetadata, dtype: torch.dtype):
-        """One emulator step per (metadata, head layout): RoPE tables computed once per step."""
+    def _paged(self, metadata: TrtllmAttentionMetadata, dtype: torch.dtype, window: int):
+        """One emulator step per (metadata, head layout, window): RoPE tables computed once per step."""
         from trtllm_loop.runtime.attention import PagedBackend
 
-        key = (self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, dtype)
+        key = (self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, dtype, window)
         if key not in metadata._backends:
             mgr = metadata.kv_cache_manager
             if (self.num_kv_heads, self.head_dim) != (mgr.num_kv_heads_per_rank, mgr.head_dim):
                 raise ValueError(f"layer {self.layer_idx}: {self.num_kv_heads} KV heads x {self.head_dim} per rank, "
                                  f"the KV cache holds {mgr.num_kv_heads_per_rank} x {mgr.head_dim}")
-            cfg = replace(mgr.cache.cfg, num_attention_heads=self.num_heads, rope_theta=self.rope_theta)
+            cfg = replace(mgr.cache.cfg, num_attention_heads=self.num_heads, rope_theta=self.rope_theta,
+                          loop_window_size=window)
             metadata._backends[key] = PagedBackend(mgr.cache, metadata.step, cfg, dtype)
         return metadata._backends[key]
 
     def forward(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
-                metadata: TrtllmAttentionMetadata, out_scale=None, *,
-                attention_mask=PredefinedAttentionMask.CAUSAL, attention_window_size: Optional[int] = None,
-                **kwargs) -> torch.Tensor:
+                metadata: TrtllmAttentionMetadata, out_scale=None, out_scale_sf=None, kv_scales_sf=None,
+                kv_scales_sf_inv=None, *, attention_mask=PredefinedAttentionMask.CAUSAL,
+                attention_window_size: Optional[int] = None, enable_attn_nvfp4_output: bool = True,
+                output: Optional[torch.Tensor] = None, output_sf: Optional[torch.Tensor] = None, **kwargs):
+        assert isinstance(metadata, TrtllmAttentionMetadata)
         if k is not None or v is not None:
             raise ValueError("Only fused QKV is supported for non-MLA attention now")
         if out_scale is not None:
             raise NotImplementedError("the double does not emulate quantized (FP8/NVFP4) attention output")
         if attention_mask != PredefinedAttentionMask.CAUSAL:
             raise NotImplementedError("the double implements causal attention only")
+        rf = metadata.runtime_features
+        paged_context_fmha = bool(rf and (rf.chunked_prefill or rf.cache_reuse or rf.has_speculative_draft_tokens))
+        if not paged_context_fmha and any(p > 0 for p in metadata.step.past[:metadata.num_contexts]):
+            raise ValueError("a context chunk after the first, without paged context FMHA: TRT-LLM's kernel would "
+                             "not attend over the earlier chunks (set metadata.runtime_features.chunked_prefill, "
+                             "as the PyExecutor does when enable_chunked_prefill is on)")
         mgr = metadata.kv_cache_manager
         slot = mgr.layer_offsets[self.layer_idx]
         kv_window = mgr.window_of(slot)
-        window = attention_window_size if attention_window_size is not None else mgr.max_seq_len
+        # TrtllmAttentionWrapper.plan: `attention_window_size or max_sequence_length`, never checked against the
+        # cache: silently wrong when it disagrees
+        window = attention_window_size or mgr.max_seq_len
         if min(window, mgr.max_seq_len) != kv_window:
-            # the real kernel would silently attend over a window its cache blocks do not hold
-            raise ValueError(f"layer {self.layer_idx}: attention_window_size {attention_window_size} disagrees with "
-                             f"the KV cache's max_attention_window {kv_window} for this layer")
-        out = self._paged(metadata, q.dtype).attend(slot, q)  # the cache's window for this layer, checked above
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+            metadata.window_mismatches.append((self.layer_idx, attention_window_size, kv_window))
+        paged = self._paged(metadata, q.dtype, min(window, mgr.max_seq_len))
+        out = paged.attend(slot, q).reshape(q.shape[0], self.num_heads * self.head_dim)
+        if output is not None:
+            output.copy_(out)
+            out = output
+        if enable_attn_nvfp4_output and self.has_nvfp4:
+            return out, None  # real: (NVFP4 output, its scale factors)
+        return out

@@ -101,7 +101,11 @@ class DecoderModelForCausalLM(nn.Module, Generic[TModel, TConfig], metaclass=_Po
     def load_weights(self, weights: Dict, weight_mapper=None, skip_modules: List[str] = []):
         """``_load_weights_impl``: every module with parameters takes its checkpoint slice."""
         if weight_mapper is not None:
-            raise NotImplementedError("the double implements the mapper-less loading path only")
+            # modeling_utils.py @89fd9b7: a mapper selects _load_weights_impl_v2, which the double does not emulate
+            # (checkpoints/hf/weight_mapper.py here); ModelLoader passes one whenever load_weights names it
+            raise NotImplementedError("the double implements the mapper-less loading path (_load_weights_impl) "
+                                      "only; a model whose load_weights takes weight_mapper gets the v2 path "
+                                      "(_load_weights_impl_v2) from TRT-LLM's ModelLoader")
         tp = self.model_config.mapping.tp_size
         num_kv = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
         params_map = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}

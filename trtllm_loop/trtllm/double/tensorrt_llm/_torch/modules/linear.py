@@ -144,6 +144,9 @@ class Linear(nn.Module):
             b = [load_weight_shard(w["bias"], self.tp_size, self.tp_rank, self.tp_mode) for w in weights]
             self.bias.data.copy_(torch.cat(b).to(self.bias.dtype))
 
+    def post_load_weights(self):
+        """linear.py: the quantization method's post-processing after loading (nothing to do in the double)."""
+
     def forward(self, input: torch.Tensor, *, all_reduce_params=None, lora_params=None, layer_idx=None):
         x = input
         if self.input_scale is not None:

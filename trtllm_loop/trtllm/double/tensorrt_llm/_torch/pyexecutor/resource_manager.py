@@ -26,9 +26,14 @@ class KVCacheManager:
         if max_beam_width != 1 or spec_config is not None or layer_mask is not None:
             raise NotImplementedError("the double implements beam width 1, no speculative layers, no layer mask")
         vec = [min(w, max_seq_len) for w in (kv_cache_config.max_attention_window or [max_seq_len])]
-        if len(set(vec)) > 1:  # VSWA
-            assert model_config is not None and model_config.layer_types is not None, \
-                "layer_types have to be set correctly for VSWA"
+        if len(set(vec)) > 1:  # VSWA (resource_manager.py @b35ac1b, KVCacheManager.__init__)
+            if model_config is None:
+                raise ValueError("model_config is required for VSWA (Variable Sliding Window Attention)")
+            from tensorrt_llm.llmapi.llm_args import KvCacheConfig
+            assert isinstance(kv_cache_config, KvCacheConfig), \
+                "calculate_max_num_blocks_from_cpp only accepts KvCacheConfig"
+            # calculate_max_num_blocks_from_cpp
+            assert model_config.layer_types is not None, "layer_types have to be set correctly for VSWA"
             if len(vec) != 2 or vec[0] != max_seq_len or num_layers % 2:
                 raise NotImplementedError(f"max_attention_window {vec}: the double implements the loop pattern "
                                           "[max_seq_len, W] over an even number of layers only")
@@ -43,9 +48,33 @@ class KVCacheManager:
         geometry = LoopConfig(num_hidden_layers=num_layers // 2, num_attention_heads=self.num_kv_heads_per_rank,
                               num_key_value_heads=self.num_kv_heads_per_rank, head_dim=head_dim,
                               hidden_size=self.num_kv_heads_per_rank * head_dim, loop_window_size=window)
-        blocks = max_batch_size * (math.ceil(max_seq_len / tokens_per_block) + 1)
-        self.cache = PagedKVCache(geometry, tokens_per_block, {None: blocks, window: blocks}, dtype.value)
+        self.cache = PagedKVCache(geometry, tokens_per_block,
+                                  self._blocks_per_window(kv_cache_config, window, vec, dtype), dtype.value)
         self._seqs: set = set()
+
+    def _blocks_per_window(self, kv_cache_config, window: int, vec: List[int], dtype) -> dict:
+        """Blocks of each window group's pool. With ``max_gpu_total_bytes`` the VSWA budget is split between the
+        window sizes by ``TRTLLM_WINDOW_SIZE_SHARES`` (ascending windows; equal shares when unset), as the C++
+        ``calculateMaxNumBlocks`` does (not in ../shared/reference; shared/docs/tensorrt-llm.md), each group's
+        blocks = its bytes / (its layers x tokens_per_block x 2 x KV heads x head_dim x dtype bytes). Without a
+        byte budget: every sequence can hold ``max_seq_len`` tokens in both pools."""
+        import os
+
+        import torch
+
+        generous = self.max_batch_size * (math.ceil(self.max_seq_len / self.tokens_per_block) + 1)
+        budget = getattr(kv_cache_config, "max_gpu_total_bytes", 0) or 0
+        if not budget:
+            return {None: generous, window: generous}
+        windows = sorted(set(vec))
+        env = os.environ.get("TRTLLM_WINDOW_SIZE_SHARES")
+        shares = [float(s) for s in env.split(",")] if env and len(windows) > 1 else [1 / len(windows)] * len(windows)
+        elt = torch.empty((), dtype=dtype.value).element_size()
+        per_block = (self.num_layers // len(windows)) * self.tokens_per_block * 2 * self.num_kv_heads_per_rank \
+            * self.head_dim * elt
+        blocks = {w: int(budget * s // per_block) for w, s in zip(windows, shares)}
+        return {None if w == self.max_seq_len else w: b for w, b in blocks.items()} if len(windows) > 1 \
+            else {None: blocks[windows[0]], window: blocks[windows[0]]}
 
     def window_of(self, layer_idx: int) -> int:
         return self.max_attention_window_vec[layer_idx % len(self.max_attention_window_vec)]

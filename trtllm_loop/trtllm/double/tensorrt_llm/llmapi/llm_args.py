@@ -1,0 +1,41 @@
+"""Mimics ``tensorrt_llm/llmapi/llm_args.py`` (reference commit 0249976575050d2c624a5f285683c66de311a3b7):
+``KvCacheConfig`` and ``CudaGraphConfig`` are ``StrictBaseModel`` subclasses there (pydantic,
+``extra = "forbid"``): an unknown field is an error, which these keyword-only dataclasses reproduce
+(``TypeError: unexpected keyword argument``). Only fields the project uses are defined; the contract test
+(tests/test_trtllm_contract.py) checks each exists in the real class."""
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass(kw_only=True)
+class KvCacheConfig:
+    enable_block_reuse: bool = True
+    max_tokens: Optional[int] = None
+    max_attention_window: Optional[List[int]] = None
+    sink_token_length: Optional[int] = None
+    free_gpu_memory_fraction: Optional[float] = 0.9
+    host_cache_size: Optional[int] = None
+    onboard_blocks: bool = True
+    event_buffer_max_size: int = 0
+    enable_partial_reuse: bool = True
+    copy_on_partial_reuse: bool = True
+    # llm_args.py: "max_gpu_total_bytes: The maximum size in bytes of GPU memory that can be allocated for the
+    # KV cache" (0 = from free_gpu_memory_fraction); the double sizes its VSWA pools from it
+    max_gpu_total_bytes: int = 0
+    dtype: str = "auto"
+    tokens_per_block: int = 32
+
+    def __post_init__(self):
+        if self.max_attention_window is not None:
+            self.max_attention_window = list(self.max_attention_window)
+
+
+@dataclass(kw_only=True)
+class CudaGraphConfig:
+    batch_sizes: Optional[List[int]] = None
+    max_batch_size: int = 0
+    enable_padding: bool = False
+
+    def __post_init__(self):
+        if self.max_batch_size < 0:  # validate_cuda_graph_max_batch_size
+            raise ValueError("cuda_graph_config.max_batch_size must be non-negative")
