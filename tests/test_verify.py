@@ -1,4 +1,4 @@
-"""`trtllm-loop verify` end to end on the API double: synthesize, deploy, LLM API, compare, report."""
+"""`trtllm-loop verify` end to end on the API double: synthesize, deploy, LLM API, prefill + decode, report."""
 from __future__ import annotations
 
 import json
@@ -10,17 +10,27 @@ from trtllm_loop.errors import UserError
 from trtllm_loop.trtllm.verify import verify
 
 
-def test_cli_verify_passes_and_reports_every_position(tmp_path, capsys):
-    rc = main(["verify", "--backend", "pytorch", "--work", str(tmp_path)])
+def test_cli_verify_json_report_decodes_past_the_window_edge(tmp_path, capsys):
+    rc = main(["verify", "--backend", "pytorch", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "R.json")])
     out = capsys.readouterr().out
     assert rc == 0 and "verify: PASS" in out and "API double, float32" in out
-    report = json.loads((tmp_path / "report.json").read_text())
-    lengths = [p["length"] for p in report["prompts"]]
-    assert lengths == [18, 53, 32]  # tiny preset W = 16: past W, past 3W, exactly 2W
-    assert sum(line.strip().startswith("pos ") for line in out.splitlines()) == sum(lengths)
-    assert out.count("<- window edge") == 9
-    assert all(p["max_abs"] < 1e-4 and p["top1_agree"] == 1.0 for p in report["prompts"])
-    assert (tmp_path / "deploy" / "serve.sh").is_file()
+    report = json.loads((tmp_path / "R.json").read_text())
+    assert report == json.loads((tmp_path / "w" / "report.json").read_text())
+    assert report["passed"] and report["window"] == 16 and report["decode_steps"] == 24  # W + 8
+    assert report["versions"]["api_double"] is True and report["versions"]["torch"]
+    assert report["phases"]["decode"]["window_edge_positions"] == [15, 16, 17]
+    assert report["phases"]["prefill"]["max_abs"] < 1e-4 and report["phases"]["decode"]["max_abs"] < 1e-4
+    # CUDA graphs on (batch 1, batch 2) and off (batch 2); the short prompt (W - 4) and the long one batched
+    assert [(r["cuda_graphs"], r["batch"]) for r in report["runs"]] == [(True, [12]), (True, [12, 533]),
+                                                                       (False, [12, 533])]
+    # TRT-LLM's chunk unit with a sliding window is 256 tokens: the long prompt prefills as 256 + 256 + 21
+    assert report["chunk_unit"] == 256 and report["max_num_tokens"] == 256
+    long = report["runs"][1]["requests"][1]
+    assert long["planned_chunks"] == long["scheduled_chunks"] == [256, 256, 21]
+    assert all(r["decode"]["positions"][0] == r["length"] - 1 and len(r["decode"]["per_step"]) == 24
+               for run in report["runs"] for r in run["requests"])
+    # the double counts generation-only steps a CUDA graph would replay: none with graphs off
+    assert report["runs"][0]["graph_eligible_steps"] == 23 and report["runs"][2]["graph_eligible_steps"] == 0
 
 
 def test_verify_tp2_from_a_target_config():
@@ -40,22 +50,41 @@ def test_verify_detects_a_wrong_mix(monkeypatch, capsys):
     assert "verify: FAIL" in capsys.readouterr().out
 
 
+def test_verify_detects_a_decode_only_fault(monkeypatch):
+    """A fault only in generation steps (the local window shifted by one at decode) fails the decode phase
+    while prefill passes."""
+    from tensorrt_llm._torch.attention_backend import trtllm as att
+
+    forward = att.TrtllmAttention.forward
+
+    def shifted(self, q, k, v, metadata, *a, attention_window_size=None, **kw):
+        if attention_window_size is not None and metadata.num_contexts == 0:
+            attention_window_size += 1
+        return forward(self, q, k, v, metadata, *a, attention_window_size=attention_window_size, **kw)
+
+    monkeypatch.setattr(att.TrtllmAttention, "forward", shifted)
+    report = verify(log=lambda s: None)
+    assert not report["passed"]
+    assert report["phases"]["prefill"]["passed"] and not report["phases"]["decode"]["passed"]
+
+
 def test_verify_falls_back_to_topk_logprobs(monkeypatch):
     """Where the API returns no context logits, top-k prompt log-probs are compared instead."""
     from tensorrt_llm.llmapi import llm as api
 
     original = api.LLM.generate
 
-    def no_context_logits(self, inputs, sampling_params=None):
-        outs = original(self, inputs, sampling_params)
+    def no_context_logits(self, inputs, sampling_params=None, **kw):
+        outs = original(self, inputs, sampling_params, **kw)
         for o in outs:
             o.context_logits = None
         return outs
 
     monkeypatch.setattr(api.LLM, "generate", no_context_logits)
     report = verify(log=lambda s: None)
-    assert report["passed"] and all(p["top1_agree"] is None for p in report["prompts"])
-    assert all(len(p["per_position"]) == p["length"] for p in report["prompts"])
+    assert report["passed"]
+    reqs = [r for run in report["runs"] for r in run["requests"]]
+    assert all(r["prefill"]["top1_agree"] is None and len(r["prefill"]["per_position"]) == r["length"] for r in reqs)
 
 
 def test_verify_gpu_needs_trtllm_and_a_gpu():
@@ -63,10 +92,16 @@ def test_verify_gpu_needs_trtllm_and_a_gpu():
         verify(gpu=True)
 
 
+def test_verify_json_directory_must_exist(tmp_path):
+    with pytest.raises(UserError, match="--json .*its directory does not exist"):
+        verify(json_out=str(tmp_path / "no" / "R.json"))
+
+
 def test_verify_gpu_geometry_on_the_double(tmp_path):
-    """The model --gpu deploys (head_dim 128, W 64: prompts of 66, 197 and 128 tokens) runs the same flow."""
+    """The model --gpu deploys (head_dim 128, W 64): short prompt 60, long 2 x 256 + 69; decode 72 steps."""
     report = verify(model="gpu", work=str(tmp_path), log=lambda s: None)
     assert report["passed"] and report["model"] == "gpu"
-    assert [p["length"] for p in report["prompts"]] == [66, 197, 128]
+    assert report["runs"][1]["batch"] == [60, 581] and report["decode_steps"] == 72
+    assert report["phases"]["decode"]["window_edge_positions"] == [63, 64, 65]
     with pytest.raises(UserError, match="--model 'huge'"):
         verify(model="huge")

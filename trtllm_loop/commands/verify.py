@@ -18,6 +18,9 @@ def register(subparsers) -> None:
                    help="build config to start from (default: built-in B200-like settings scaled to the tiny model)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (simulated ranks on the double)")
     p.add_argument("--work", default=None, help="keep the model, deploy dir and report.json here")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
+                   help="write the machine-readable report here (per phase prefill/decode: max |delta|, window-edge "
+                        "positions, pass/fail; versions of TRT-LLM, torch, GPU, SM)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     p.add_argument("--model", choices=["tiny", "gpu"], default=None,
                    help="model geometry: tiny (head_dim 16, W 16) or gpu (head_dim 128, W 64); default gpu with --gpu")
@@ -27,5 +30,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from trtllm_loop.trtllm.verify import verify
 
-    report = verify(gpu=args.gpu, config=args.config, tp=args.tp, work=args.work, keep=args.keep, model=args.model)
+    report = verify(gpu=args.gpu, config=args.config, tp=args.tp, work=args.work, keep=args.keep, model=args.model,
+                    json_out=args.json_out)
     return 0 if report["passed"] else 1

@@ -21,11 +21,12 @@ import yaml
 
 from trtllm_loop.errors import UserError
 
-# the verify target: B200-like settings scaled down to the tiny model; a 39-token step budget splits the
-# three prompts into 13-token chunks, so chunk edges fall between window edges
+# the verify target: B200-like settings scaled down to the tiny model. With a window shorter than max_seq_len,
+# TRT-LLM's context-chunk unit is 256 tokens (py_executor_creator.py), so a 256-token step budget splits the long
+# prompt into 256-token chunks (deploy.memory.alone_chunks) with the window inside the last one
 VERIFY_BUILD = dict(target="verify", sm=100, gpu_memory_gib=180, unified_memory=False,
                     weight_formats=["nvfp4", "bf16", "fp32"], kv_cache_dtype="auto", tensor_parallel_size=1,
-                    max_batch_size=4, max_seq_len=256, max_num_tokens=39, tokens_per_block=32,
+                    max_batch_size=4, max_seq_len=1024, max_num_tokens=256, tokens_per_block=32,
                     free_gpu_memory_fraction=0.5, host_cache_size=0, enable_block_reuse=False,
                     enable_chunked_prefill=True, cuda_graph={"enable_padding": True, "batch_sizes": [1, 2, 4]},
                     nvfp4_gemm_allowed_backends=["cutlass", "cublaslt", "cuda_core"])
@@ -38,12 +39,14 @@ FP32_TOL = 1e-4   # FP32 runtime vs FP32 reference (the double; golden-case tole
 BF16_TOL = 0.25   # BF16 kernels vs the FP32 reference of the same BF16 weights (bf16 vs fp32 on the golden
                   # cases is ~0.1; an off-by-one window or a missing gate moves logits by > 0.5 there)
 TOP_K = 5
+DECODE_PAST_WINDOW = 8  # decode W + 8 tokens: positions W - 1, W, W + 1 of the short prompt are decode steps
 
 
-def verify_prompts(window: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Three prompts: past the window edge, past three windows, and exactly two windows long."""
+def verify_prompts(window: int, vocab: int, chunk: int, seed: int = 0) -> list[list[int]]:
+    """Two prompts: ``short`` (W - 4 tokens, so decode crosses the window edge) and ``long`` (two full chunks
+    plus W + 5 tokens: chunked prefill, the window inside the last chunk)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, n).tolist() for n in (window + 2, 3 * window + 5, 2 * window)]
+    return [rng.integers(0, vocab, n).tolist() for n in (max(1, window - 4), 2 * chunk + window + 5)]
 
 
 def _compare_logits(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -68,24 +71,27 @@ def write_model(out: Path, geometry: str, dtype: str, seed: int) -> Path:
     """The model to deploy: synth's ``tiny`` preset, or the GPU geometry above (synth's weight recipe)."""
     from trtllm_loop.synth import synthesize
 
-    if geometry == "tiny":
-        return synthesize(out, "tiny", seed=seed, dtype=dtype, tokenizer=False, overwrite=True)
+    if geometry == "tiny":  # with its tokenizer: the deploy directory carries it (end_id, Triton text)
+        return synthesize(out, "tiny", seed=seed, dtype=dtype, tokenizer=True, overwrite=True)
     import torch
     from safetensors.torch import save_file
 
     from trtllm_loop.config import ARCHITECTURE, MODEL_TYPE, LoopConfig
     from trtllm_loop.synth import random_weights
+    from trtllm_loop.synth.tokenizer import write_tokenizer
 
-    cfg = LoopConfig.from_dict({"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, **GPU_MODEL,
-                                "torch_dtype": dtype})
     out.mkdir(parents=True, exist_ok=True)
+    special = write_tokenizer(out, GPU_MODEL["vocab_size"])
+    cfg = LoopConfig.from_dict({"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, **GPU_MODEL,
+                                "torch_dtype": dtype, **special})
     save_file(random_weights(cfg, seed, getattr(torch, dtype)), str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out
 
 
 def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: str | None = None,
-           keep: bool = False, seed: int = 0, model: str | None = None, log=print) -> dict:
+           keep: bool = False, seed: int = 0, model: str | None = None, json_out: str | None = None,
+           log=print) -> dict:
     from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
 
     tllm, is_double = ensure_tensorrt_llm(prefer_double=not gpu)
@@ -100,15 +106,46 @@ def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: s
     geometry = model or ("gpu" if gpu else "tiny")
     if geometry not in ("tiny", "gpu"):
         raise UserError(f"--model {geometry!r}: allowed tiny (CPU preset) or gpu (head_dim 128, W 64)")
+    if json_out and not Path(json_out).resolve().parent.is_dir():
+        raise UserError(f"--json {json_out}: its directory does not exist; create it or pick another path")
     root = Path(work) if work else Path(tempfile.mkdtemp(prefix="trtllm-loop-verify-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
-        (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = json.dumps(report, indent=2) + "\n"
+        (root / "report.json").write_text(text)
+        if json_out:  # written whole, then renamed: never a partial report
+            tmp = Path(json_out).with_name(Path(json_out).name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, json_out)
     finally:
         if not (work or keep):
             shutil.rmtree(root, ignore_errors=True)
     return report
+
+
+def _versions(tllm, is_double: bool) -> dict:
+    import torch
+
+    v = {"tensorrt_llm": None if is_double else str(tllm.__version__), "api_double": is_double,
+         "torch": torch.__version__, "gpu": None, "sm": None}
+    if not is_double and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        v.update(gpu=torch.cuda.get_device_name(), sm=major * 10 + minor)
+    return v
+
+
+def _worker_env(deploy: Path, plan: dict) -> None:
+    """What TRT-LLM's MPI worker processes need, set before ``LLM(...)`` spawns them (they inherit this
+    environment, not later changes): the VSWA pool shares, and the deploy directory's package + the
+    sitecustomize hook that registers the Loop model in every new interpreter."""
+    from trtllm_loop.trtllm.deploy.memory import shares_env
+
+    if plan["window_size_shares"]:
+        os.environ["TRTLLM_WINDOW_SIZE_SHARES"] = shares_env(plan["window_size_shares"])
+    paths = [str(deploy / "triton_hooks"), str(deploy / "python")]
+    old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in paths]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + old)
 
 
 def _run(root: Path, tllm, is_double: bool, dtype: str, tol: float, config, tp: int, seed: int, geometry: str,
@@ -116,48 +153,92 @@ def _run(root: Path, tllm, is_double: bool, dtype: str, tol: float, config, tp: 
     from trtllm_loop.conformance import compute
     from trtllm_loop.config import LoopConfig
     from trtllm_loop.trtllm.deploy import build, load_build_config
+    from trtllm_loop.trtllm.deploy.memory import alone_chunks, chunk_unit
     import trtllm_loop.trtllm.torch_backend.modeling_iquest_loop  # noqa: F401  (what --custom_module_dirs imports)
 
     model = write_model(root / "model", geometry, dtype, seed)
     cfg = LoopConfig.from_file(model)
     bc = asdict(load_build_config(config)) if config else dict(VERIFY_BUILD)
     bc.pop("source", None)
-    bc.update(max_seq_len=min(bc["max_seq_len"], 256), max_batch_size=max(bc["max_batch_size"], 3),
-              weight_formats=sorted(set(bc["weight_formats"]) | {"bf16", "fp32"}))
+    W = cfg.loop_window_size
+    bc.update(max_seq_len=min(max(bc["max_seq_len"], 1024), cfg.max_position_embeddings),
+              max_batch_size=max(bc["max_batch_size"], 2), weight_formats=sorted(set(bc["weight_formats"]) | {"bf16", "fp32"}))
+    unit = chunk_unit(bc["tokens_per_block"], cfg.window_pattern(bc["max_seq_len"]), bc["max_seq_len"])
+    bc["max_num_tokens"] = max(unit, min(bc["max_num_tokens"], unit))  # one chunk unit per step: several chunks
+    bc["cuda_graph"] = {"enable_padding": True, "batch_sizes": [1, 2]}
     (root / "build_config.yaml").write_text(yaml.safe_dump(bc))
     deploy = root / "deploy"
     build(model, root / "build_config.yaml", deploy, tp=tp, force=True)
     plan = json.loads((deploy / "memory_plan.json").read_text())
-    if plan["window_size_shares"]:
-        os.environ["TRTLLM_WINDOW_SIZE_SHARES"] = ",".join(f"{s:.6f}" for s in plan["window_size_shares"])
+    _worker_env(deploy, plan)
     opts = yaml.safe_load((deploy / "llm_api_options.yaml").read_text())
-
-    prompts = verify_prompts(cfg.loop_window_size, cfg.vocab_size, seed)
-    llm = tllm.LLM(model=str(deploy), backend="pytorch", tensor_parallel_size=tp, **opts)
-    outs = llm.generate(prompts, tllm.SamplingParams(max_tokens=1, return_context_logits=True))
-    refs = compute(str(model), prompts, "prefill", dtype="float32")  # the same weights, exact arithmetic
+    chunk = opts["max_num_tokens"]
+    prompts = verify_prompts(W, cfg.vocab_size, chunk, seed)
+    n_decode = W + DECODE_PAST_WINDOW
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id
+    # end_id given explicitly (the deploy directory carries the tokenizer too); ignore_eos: decode every step;
+    # top_k 1: greedy
+    sp = tllm.SamplingParams(max_tokens=n_decode, end_id=eos, ignore_eos=True, top_k=1,
+                             return_context_logits=True, return_generation_logits=True)
     runtime = "API double" if is_double else f"TensorRT-LLM {tllm.__version__}"
-    log(f"verify: {runtime}, {dtype}, TP {tp}, {geometry} model (W = {cfg.loop_window_size}), "
-        f"{len(prompts)} prompts, chunk budget {opts['max_num_tokens']} tokens, tolerance {tol:g}")
-    results = []
-    for i, (out, ref, prompt) in enumerate(zip(outs, refs, prompts)):
-        if out.context_logits is not None:
-            res = _compare_logits(np.asarray(out.context_logits.float().cpu()), ref)
-        else:  # the API returned no context logits: fall back to top-k prompt log-probs
-            [lp] = llm.generate([prompt], tllm.SamplingParams(max_tokens=1, prompt_logprobs=TOP_K))
-            res = _compare_logprobs(lp.outputs[0].prompt_logprobs, ref)
-        res.update(prompt=i, length=len(prompt), passed=res["max_abs"] <= tol)
-        results.append(res)
-        worst = int(np.argmax(res["per_position"]))
-        log(f"  prompt {i}: {len(prompt)} tokens, max |dlogit| {res['max_abs']:.3g} at position {worst}"
-            + (f", top-1 agreement {res['top1_agree']:.0%}" if res["top1_agree"] is not None else "")
-            + f"  {'PASS' if res['passed'] else 'FAIL'}")
-        W = cfg.loop_window_size
-        for t, d in enumerate(res["per_position"]):
-            mark = " <- window edge" if t in (W - 1, W, W + 1) else ""
-            log(f"    pos {t:3d}  {d:.3e}{mark}")
-    passed = all(r["passed"] for r in results)
-    log(f"verify: {'PASS' if passed else 'FAIL'} (largest deviation {max(r['max_abs'] for r in results):.3g}, "
-        f"tolerance {tol:g})")
-    return {"passed": passed, "runtime": runtime, "dtype": dtype, "model": geometry, "tp": tp, "tolerance": tol,
-            "prompts": results}
+    log(f"verify: {runtime}, {dtype}, TP {tp}, {geometry} model (W = {W}), prompts of {[len(p) for p in prompts]} "
+        f"tokens, chunk unit {unit}, step budget {chunk} tokens, {n_decode} decode steps, tolerance {tol:g}")
+    runs = []
+    # CUDA graphs on (batch sizes 1 and 2: the short prompt alone, then both) and off (both, batched)
+    for graphs, batch in ((True, [0]), (True, [0, 1]), (False, [0, 1])):
+        kw = dict(opts, cuda_graph_config=opts["cuda_graph_config"] if graphs else None)
+        llm = tllm.LLM(model=str(deploy), backend="pytorch", tensor_parallel_size=tp, **kw)
+        try:
+            outs = llm.generate([prompts[i] for i in batch], sp)
+            scheduled = getattr(llm, "scheduled_chunks", None)  # the double reports what it scheduled
+            graph_steps = getattr(llm, "graph_steps", None)
+            fallback = [llm.generate([prompts[i]], tllm.SamplingParams(max_tokens=1, end_id=eos, prompt_logprobs=TOP_K))
+                        [0] if o.context_logits is None else None for i, o in zip(batch, outs)]
+        finally:
+            llm.shutdown()
+        reqs = []
+        for j, (i, out) in enumerate(zip(batch, outs)):
+            prompt, gen = prompts[i], list(out.outputs[0].token_ids)
+            [ref] = compute(str(model), [prompt + gen], "prefill", dtype="float32")  # the same tokens, exact math
+            P = len(prompt)
+            if out.context_logits is not None:
+                pre = _compare_logits(np.asarray(out.context_logits.float().cpu()), ref[:P])
+            else:  # the API returned no context logits: top-k prompt log-probs
+                pre = _compare_logprobs(fallback[j].outputs[0].prompt_logprobs, ref[:P])
+            pre["passed"] = pre["max_abs"] <= tol
+            gl = out.outputs[0].generation_logits
+            if gl is None or len(gen) != n_decode:
+                dec = {"per_step": [], "max_abs": float("inf"), "positions": [], "window_edge_positions": [],
+                       "passed": False, "error": f"{len(gen)} tokens, generation logits "
+                                                 f"{'missing' if gl is None else 'returned'}"}
+            else:
+                g = np.asarray(gl.float().cpu()).reshape(-1, ref.shape[-1])[-n_decode:]
+                dec = _compare_logits(g, ref[P - 1:P - 1 + n_decode])
+                dec["per_step"] = dec.pop("per_position")
+                # step k scores the token after position P - 1 + k; steps 1.. are decode steps fed at P .. 
+                dec["positions"] = list(range(P - 1, P - 1 + n_decode))
+                dec["window_edge_positions"] = [t for t in (W - 1, W, W + 1) if P <= t <= P + n_decode - 2]
+                dec["passed"] = dec["max_abs"] <= tol
+            planned = alone_chunks(P, chunk, unit)
+            reqs.append({"prompt": i, "length": P, "generated": len(gen), "planned_chunks": planned,
+                         "scheduled_chunks": scheduled[j] if scheduled else None, "prefill": pre, "decode": dec})
+            log(f"  cuda graphs {'on ' if graphs else 'off'} batch {len(batch)} prompt {i} ({P} tokens, chunks "
+                f"{planned}): prefill max |dlogit| {pre['max_abs']:.3g}, decode ({n_decode} steps, window edge "
+                f"{dec['window_edge_positions']}) {dec['max_abs']:.3g}  "
+                f"{'PASS' if pre['passed'] and dec['passed'] else 'FAIL'}")
+        runs.append({"cuda_graphs": graphs, "batch": [len(prompts[i]) for i in batch], "requests": reqs,
+                     "graph_eligible_steps": graph_steps})
+    every = [r for run in runs for r in run["requests"]]
+    phases = {
+        "prefill": {"max_abs": max(r["prefill"]["max_abs"] for r in every),
+                    "passed": all(r["prefill"]["passed"] for r in every)},
+        "decode": {"max_abs": max(r["decode"]["max_abs"] for r in every),
+                   "window_edge_positions": sorted({t for r in every for t in r["decode"]["window_edge_positions"]}),
+                   "passed": all(r["decode"]["passed"] for r in every)},
+    }
+    passed = phases["prefill"]["passed"] and phases["decode"]["passed"]
+    log(f"verify: {'PASS' if passed else 'FAIL'} (prefill {phases['prefill']['max_abs']:.3g}, decode "
+        f"{phases['decode']['max_abs']:.3g}, tolerance {tol:g})")
+    return {"passed": passed, "runtime": runtime, "versions": _versions(tllm, is_double), "dtype": dtype,
+            "model": geometry, "window": W, "tp": tp, "tolerance": tol, "chunk_unit": unit,
+            "max_num_tokens": chunk, "decode_steps": n_decode, "phases": phases, "runs": runs}

@@ -21,7 +21,7 @@ REGISTER_MODULE = "trtllm_loop.trtllm.torch_backend.modeling_iquest_loop"
 
 
 def llm_api_args(cfg: LoopConfig, *, max_batch_size: int, max_seq_len: int, max_num_tokens: int,
-                 free_gpu_memory_fraction: float, enable_block_reuse: bool = False, host_cache_size: int = 0,
+                 free_gpu_memory_fraction: float, tokens_per_block: int = 32, enable_block_reuse: bool = False, host_cache_size: int = 0,
                  kv_cache_dtype: str = "auto", enable_chunked_prefill: bool = True, cuda_graph: bool = True,
                  cuda_graph_padding: bool = True, cuda_graph_batch_sizes: Sequence[int] = (),
                  nvfp4_gemm_allowed_backends: Sequence[str] = ()) -> dict:
@@ -35,6 +35,9 @@ def llm_api_args(cfg: LoopConfig, *, max_batch_size: int, max_seq_len: int, max_
         "enable_block_reuse": enable_block_reuse,
         "free_gpu_memory_fraction": free_gpu_memory_fraction,
         "host_cache_size": host_cache_size,
+        # KvCacheConfig.tokens_per_block (default 32): the PyExecutor's block size and context-chunk unit
+        # (py_executor_creator.py); the memory plan's window-pool sizing assumes this value
+        "tokens_per_block": tokens_per_block,
     }
     if kv_cache_dtype != "auto":
         kv["dtype"] = kv_cache_dtype
@@ -68,7 +71,8 @@ def llm_api_options(bc: BuildConfig, cfg: LoopConfig, fmt: str) -> dict:
     """:func:`llm_api_args` for a build config and a checkpoint weight format."""
     return llm_api_args(
         cfg, max_batch_size=bc.max_batch_size, max_seq_len=bc.max_seq_len, max_num_tokens=bc.max_num_tokens,
-        free_gpu_memory_fraction=bc.free_gpu_memory_fraction, enable_block_reuse=bc.enable_block_reuse,
+        free_gpu_memory_fraction=bc.free_gpu_memory_fraction, tokens_per_block=bc.tokens_per_block,
+        enable_block_reuse=bc.enable_block_reuse,
         host_cache_size=bc.host_cache_size, kv_cache_dtype=bc.kv_cache_dtype,
         enable_chunked_prefill=bc.enable_chunked_prefill,
         cuda_graph_padding=bool(bc.cuda_graph.get("enable_padding", True)),

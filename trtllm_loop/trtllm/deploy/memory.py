@@ -7,13 +7,57 @@ from trtllm_loop.errors import UserError
 from .build_config import BuildConfig
 
 ACTIVATION_RESERVE_GIB = 2.0  # activations, CUDA-graph pools, allocator slack outside the KV pool
+SHARE_RESOLUTION = 2 ** 16     # shares are multiples of 2^-16: exact in binary and in decimal (see window_shares)
+# TRT-LLM's context-chunk unit with a sliding window shorter than max_seq_len (py_executor_creator.py:
+# "maxKvStepSizeInFmha = 256")
+SWA_CHUNK_UNIT = 256
+
+
+def chunk_unit(tokens_per_block: int, windows: list[int], max_seq_len: int) -> int:
+    """TRT-LLM's context-chunk unit (py_executor_creator.py): ``tokens_per_block``, at least 256 when a window
+    is shorter than ``max_seq_len``; every context chunk but a request's last is a multiple of it."""
+    return max(SWA_CHUNK_UNIT, tokens_per_block) if windows and max_seq_len > min(windows) else tokens_per_block
+
+
+def alone_chunks(prompt_len: int, max_num_tokens: int, unit: int) -> list[int]:
+    """The context chunks of a request scheduled alone (first come first served): the rest whole when it fits
+    the step budget, else the largest multiple of ``unit`` that does."""
+    out, left = [], prompt_len
+    while left:
+        n = left if left <= max_num_tokens else (max_num_tokens // unit) * unit
+        if n == 0:
+            raise ValueError(f"max_num_tokens {max_num_tokens} is below the context-chunk unit {unit}: TRT-LLM "
+                             f"cannot schedule a {prompt_len}-token prompt")
+        out.append(n)
+        left -= n
+    return out
+
+
+def step_tokens(bc: BuildConfig) -> int:
+    """Most tokens one sequence brings in one step: a whole context chunk (``max_num_tokens``) with chunked
+    prefill (the chunk's K/V sit in the window layer's blocks during the step), else the whole prompt."""
+    return min(bc.max_num_tokens, bc.max_seq_len)
 
 
 def _tokens_per_sequence(cfg: LoopConfig, window: int | None, bc: BuildConfig) -> int:
-    """Tokens one sequence holds in the pool of ``window`` (None = full) during a decode step:
-    :meth:`LoopConfig.pool_blocks_per_sequence` blocks, never more than the whole sequence."""
-    blocks = cfg.pool_blocks_per_sequence(window, bc.tokens_per_block, bc.max_seq_len)
+    """Tokens one sequence holds in the pool of ``window`` (None = full) during a step of
+    :func:`step_tokens` tokens: :meth:`LoopConfig.pool_blocks_per_sequence` blocks, never more than the
+    whole sequence."""
+    blocks = cfg.pool_blocks_per_sequence(window, bc.tokens_per_block, bc.max_seq_len, step_tokens=step_tokens(bc))
     return min(bc.max_seq_len, blocks * bc.tokens_per_block)
+
+
+def window_shares(win_tokens: int, full_tokens: int) -> list[float]:
+    """``TRTLLM_WINDOW_SIZE_SHARES`` (ascending windows): proportional to the tokens each group holds, as
+    multiples of 2^-16 so that each share's decimal text parses back to the same binary value and the two sum
+    to exactly 1.0 -- TRT-LLM compares the sum with 1.0 for equality. The window share never rounds to 0."""
+    k = max(1, min(SHARE_RESOLUTION - 1, round(SHARE_RESOLUTION * win_tokens / (win_tokens + full_tokens))))
+    return [k / SHARE_RESOLUTION, (SHARE_RESOLUTION - k) / SHARE_RESOLUTION]
+
+
+def shares_env(shares: list[float]) -> str:
+    """The exact decimal text of each share (``repr`` of a multiple of 2^-16 is exact), comma-separated."""
+    return ",".join(repr(s) for s in shares)
 
 
 def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fmt: str) -> dict:
@@ -21,9 +65,9 @@ def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fm
 
     Both window groups have L layers and the same bytes per token per layer, so the split is the ratio of
     tokens each group must hold per sequence (:meth:`LoopConfig.pool_blocks_per_sequence`, the rule the paged
-    runtime sizes with): ``max_seq_len`` for the full group, and for the window group the window rounded up to
-    blocks plus one block (a decode step holds ``ceil(W / tpb) + 1`` blocks before the out-of-window block is
-    released), never more than ``max_seq_len``."""
+    runtime sizes with): ``max_seq_len`` for the full group, and for the window group the W - 1 keys before a
+    step plus the step's own tokens -- a whole context chunk with chunked prefill -- rounded up to blocks, plus
+    one block, never more than ``max_seq_len``."""
     kv_dtype = {"auto": {"fp32": "float32", "fp16": "float16"}.get(fmt, "bfloat16"), "fp8": "fp8",
                 "nvfp4": "nvfp4"}[bc.kv_cache_dtype]
     per_token_layer = 2 * cfg.kv_size / tp * KV_DTYPE_BYTES[kv_dtype]
@@ -33,8 +77,7 @@ def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fm
     win_tokens = _tokens_per_sequence(cfg, W, bc)
     shares = None
     if W < bc.max_seq_len:
-        s_win = round(win_tokens / (win_tokens + full_tokens), 6)
-        shares = [s_win, round(1.0 - s_win, 6)]
+        shares = window_shares(win_tokens, full_tokens)
     stash = cfg.num_hidden_layers * bc.max_num_tokens * 2 * cfg.kv_size / tp * act_bytes
     gpu = bc.gpu_memory_gib * 2**30
     weights = weight_bytes / tp

@@ -18,7 +18,7 @@ from trtllm_loop.fsutil import atomic_dir
 from .build_config import BuildConfig, load_build_config
 from .formats import allowed_tp, check_combination, replicate_kv, weight_format
 from .llm_args import REGISTER_MODULE, llm_api_options, triton_model_yaml
-from .memory import check_fits, memory_plan
+from .memory import check_fits, memory_plan, shares_env
 from .templating import fill_template
 
 PACKAGE_DIR = Path(trtllm_loop.__file__).resolve().parent          # trtllm_loop/
@@ -58,7 +58,7 @@ def _env_sh(plan: dict) -> str:
     else:
         line = ("# VSWA pools split by tokens each window group holds per sequence (memory_plan.json), "
                 f"windows {plan['window_sizes_ascending']}\n"
-                f"export TRTLLM_WINDOW_SIZE_SHARES={','.join(f'{s:.6f}' for s in shares)}")
+                f"export TRTLLM_WINDOW_SIZE_SHARES={shares_env(shares)}")
     return fill_template("env.sh", window_size_shares=line)
 
 

@@ -198,6 +198,7 @@ class LLM:
         self._models: dict = {}
         self._lock = threading.Lock()
         self._next_id = 0
+        self.scheduled_chunks: List[List[int]] = []  # context chunks of each request of the last run
         self.graph_steps = 0  # generation-only steps that would replay a CUDA graph (see _graph_eligible)
 
     def _try_load_tokenizer(self):
@@ -370,6 +371,7 @@ class LLM:
         gen_logits: List[List[torch.Tensor]] = [[] for _ in prompts]
         done = [0] * len(prompts)
         finished = [False] * len(prompts)
+        chunks_of: List[List[int]] = [[] for _ in prompts]
         md_cls = get_attention_backend(self.attn_backend).Metadata
         try:
             while not all(finished):
@@ -378,6 +380,8 @@ class LLM:
                 budget = self.max_num_tokens - len(gen)
                 chunks = context_chunks([len(prompts[i]) - done[i] for i in ctx_reqs], budget, self.chunk_unit)
                 ctx = [(i, done[i], n) for i, n in zip(ctx_reqs, chunks) if n > 0]
+                for i, _, n in ctx:
+                    chunks_of[i].append(n)
                 if not ctx and not gen:
                     raise RuntimeError(f"no request can be scheduled: a context chunk needs a multiple of the "
                                        f"chunk unit {self.chunk_unit} tokens but max_num_tokens is "
@@ -419,6 +423,8 @@ class LLM:
                         finished[i] = True  # aborted
         finally:
             mgr.shutdown()
+        if rank == 0:
+            self.scheduled_chunks = chunks_of
         results = []
         for i, p in enumerate(prompts):
             ctx = torch.cat(ctx_logits[i]).float()
