@@ -12,5 +12,7 @@ class PositionEmbeddingType(enum.IntEnum):
 
 
 class AllReduceParams:
-    def __init__(self, enable_allreduce: bool = True, **kwargs):
+    def __init__(self, strategy=None, fusion_op=None, bias=None, residual=None, norm_weight=None, scale=None,
+                 norm_pre_residual_weight=None, eps: float = 1e-06, enable_allreduce: bool = True,
+                 trigger_completion_at_end: bool = True):
         self.enable_allreduce = enable_allreduce

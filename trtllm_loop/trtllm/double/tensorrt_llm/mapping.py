@@ -4,7 +4,7 @@
 class Mapping:
     def __init__(self, world_size=1, rank=0, gpus_per_node=8, *, cp_size=1, cp_config=None, tp_size=1,
                  pp_size=1, moe_cluster_size=-1, moe_tp_size=-1, moe_ep_size=-1, attn_tp_size=-1, attn_cp_size=-1,
-                 enable_attention_dp=False, **kwargs):
+                 enable_attention_dp=False):
         if pp_size != 1 or cp_size != 1 or enable_attention_dp:
             raise NotImplementedError("the double implements tensor parallelism only (pp_size = cp_size = 1)")
         if world_size != tp_size * pp_size:

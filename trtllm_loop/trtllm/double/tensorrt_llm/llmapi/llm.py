@@ -85,12 +85,17 @@ class RequestOutput:
     """One request's result: ``outputs[0]`` (one sequence), ``context_logits``; from ``generate_async`` also an
     async iterator of partial results (``streaming``) and ``abort()``."""
 
-    def __init__(self, request_id: int, prompt_token_ids: List[int], outputs: List[CompletionOutput],
-                 context_logits: Optional[torch.Tensor] = None, finished: bool = True):
-        self.request_id, self.prompt_token_ids, self.outputs = request_id, prompt_token_ids, outputs
-        self.context_logits, self.finished = context_logits, finished
+    def __init__(self) -> None:  # llm.py: RequestOutput.__init__(self); built by the executor (_make here)
         self._aborted = threading.Event()
         self._queue: Optional[asyncio.Queue] = None
+
+    @classmethod
+    def _make(cls, request_id: int, prompt_token_ids: List[int], outputs: List[CompletionOutput],
+              context_logits: Optional[torch.Tensor] = None, finished: bool = True) -> "RequestOutput":
+        self = cls()
+        self.request_id, self.prompt_token_ids, self.outputs = request_id, prompt_token_ids, outputs
+        self.context_logits, self.finished = context_logits, finished
+        return self
 
     def abort(self) -> None:
         self._aborted.set()
@@ -272,7 +277,7 @@ class LLM:
         sp = self._prepare_sampling_params(sampling_params)
         self._check_arguments(len(ids), sp)
         self._next_id += 1
-        result = RequestOutput(self._next_id, ids, [CompletionOutput(0)], finished=False)
+        result = RequestOutput._make(self._next_id, ids, [CompletionOutput(0)], finished=False)
         loop = asyncio.get_event_loop()
         result._queue = asyncio.Queue()
 
@@ -284,7 +289,7 @@ class LLM:
                 with self._lock:
                     def on_token(tokens):
                         if streaming:
-                            put(RequestOutput(result.request_id, ids, [CompletionOutput(0, token_ids=list(tokens))],
+                            put(RequestOutput._make(result.request_id, ids, [CompletionOutput(0, token_ids=list(tokens))],
                                               finished=False))
                         return result.aborted
                     [final] = self._run_ranks([ids], sp, on_token)
@@ -435,6 +440,6 @@ class LLM:
                 plp = [{int(t): Logprob(float(v), r + 1) for r, (v, t) in enumerate(zip(vals, idx))}
                        for vals, idx in zip(top.values, top.indices)]
             gl = torch.stack(gen_logits[i]) if sp.return_generation_logits and gen_logits[i] else None
-            results.append(RequestOutput(ids[i], p, [CompletionOutput(0, "", tokens[i][len(p):], plp, gl)],
+            results.append(RequestOutput._make(ids[i], p, [CompletionOutput(0, "", tokens[i][len(p):], plp, gl)],
                                          ctx if sp.return_context_logits else None))
         return results

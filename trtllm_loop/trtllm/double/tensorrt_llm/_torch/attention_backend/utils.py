@@ -13,7 +13,7 @@ def get_attention_backend(backend_name: str):
 
 def create_attention(backend_name: str, layer_idx: int, num_heads: int, head_dim: int,
                      num_kv_heads: Optional[int] = None, pos_embd_params: Optional[PositionalEmbeddingParams] = None,
-                     quant_config=None, q_scaling: Optional[float] = None, is_mla_enable: bool = False, **kwargs):
+                     quant_config=None, q_scaling: Optional[float] = None, is_mla_enable: bool = False):
     if is_mla_enable:
         raise NotImplementedError("MLA is not part of the double")
     return get_attention_backend(backend_name)(layer_idx, num_heads, head_dim, num_kv_heads,

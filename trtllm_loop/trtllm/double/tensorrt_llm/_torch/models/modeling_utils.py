@@ -23,11 +23,11 @@ def register_auto_model(name: str):
     return decorator
 
 
-def get_model_architecture(config):
-    cls = MODEL_CLASS_MAPPING.get(config.architectures[0])
+def get_model_architecture(model_config):
+    cls = MODEL_CLASS_MAPPING.get(model_config.architectures[0])
     if cls is None:
-        raise RuntimeError(f"Unknown model architecture: {config.architectures[0]}")
-    return cls, config.architectures[0]
+        raise RuntimeError(f"Unknown model architecture: {model_config.architectures[0]}")
+    return cls, model_config.architectures[0]
 
 
 def filter_weights(prefix: str, weights: Dict) -> Dict:

@@ -16,7 +16,7 @@ class LMHead(Linear):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = None,
                  mapping: Optional[Mapping] = None, tensor_parallel_mode: Optional[TensorParallelMode] = None,
-                 gather_output: bool = False, **kwargs):
+                 gather_output: bool = False):
         mapping = mapping or Mapping()
         tp = mapping.tp_size
         if tensor_parallel_mode == TensorParallelMode.ROW:
@@ -40,7 +40,7 @@ class LMHead(Linear):
             w = F.pad(w, (0, 0, 0, self.padding_size))
         self.weight.data.copy_(load_weight_shard(w, self.tp_size, self.tp_rank, self.tp_mode).to(self.weight.dtype))
 
-    def forward(self, input, *, all_reduce_params=None, **kwargs):
+    def forward(self, input, *, all_reduce_params=None):
         out = super().forward(input, all_reduce_params=all_reduce_params)
         if self.tp_mode == TensorParallelMode.COLUMN and self.gather_output and self.padding_size > 0:
             out = out[..., :-self.padding_size]
@@ -51,7 +51,7 @@ class Embedding(LMHead):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: Optional[torch.dtype] = None,
                  mapping: Optional[Mapping] = None, tensor_parallel_mode: Optional[TensorParallelMode] = None,
-                 gather_output: bool = False, **kwargs):
+                 gather_output: bool = False):
         super().__init__(num_embeddings, embedding_dim, dtype=dtype, mapping=mapping,
                          tensor_parallel_mode=tensor_parallel_mode, gather_output=gather_output)
         from tensorrt_llm._torch.distributed import AllReduce

@@ -15,7 +15,7 @@ class GatedMLP(nn.Module):
     def __init__(self, *, hidden_size: int, intermediate_size: int, bias: bool, activation=F.silu,
                  dtype: Optional[torch.dtype] = None, config: Optional[ModelConfig] = None,
                  overridden_tp_size: Optional[int] = None, reduce_output: bool = True,
-                 layer_idx: Optional[int] = None, **kwargs):
+                 layer_idx: Optional[int] = None):
         super().__init__()
         if activation is not F.silu or overridden_tp_size is not None:
             raise NotImplementedError("the double implements SiLU GatedMLP over the full TP group")

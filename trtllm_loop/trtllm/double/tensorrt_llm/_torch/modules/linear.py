@@ -71,7 +71,7 @@ class Linear(nn.Module):
                  gather_output: bool = False, quant_config: Optional[QuantConfig] = None,
                  weights_loading_config: Optional[WeightsLoadingConfig] = None, reduce_output: bool = True,
                  skip_create_weights_in_init: bool = False, use_custom_cublas_mm: bool = False, lora=None,
-                 allreduce_strategy=None, force_dynamic_quantization: bool = False, **kwargs):
+                 allreduce_strategy=None, force_dynamic_quantization: bool = False):
         from tensorrt_llm._torch.distributed import AllReduce
 
         super().__init__()
@@ -106,12 +106,12 @@ class Linear(nn.Module):
         self._weights_created = True
 
     @property
-    def quant_algo(self):
+    def _quant_algo(self):
         return None if self.quant_config is None else self.quant_config.quant_algo
 
     def _dense(self, w: Dict) -> torch.Tensor:
         """One checkpoint part (dict of weight / scales) -> dense fp32 [out, in] (full, unsplit)."""
-        algo = self.quant_algo
+        algo = self._quant_algo
         if algo == QuantAlgo.NVFP4:
             from trtllm_loop import nvfp4
             if w["weight"].dtype != torch.uint8 or w["weight_scale"].dtype != torch.float8_e4m3fn:
@@ -135,7 +135,7 @@ class Linear(nn.Module):
         mode = self.weights_loading_config.weight_mode
         n = {WeightMode.VANILLA: 1, WeightMode.FUSED_QKV_LINEAR: 3, WeightMode.FUSED_GATE_UP_LINEAR: 2}[mode]
         assert len(weights) == n, f"{mode} expects {n} weight dicts, got {len(weights)}"
-        if self.quant_algo == QuantAlgo.NVFP4:  # one FP4 GEMM per fused Linear: one weight and input scale
+        if self._quant_algo == QuantAlgo.NVFP4:  # one FP4 GEMM per fused Linear: one weight and input scale
             self._shared_scalar(weights, "weight_scale_2")
             self.input_scale = self._shared_scalar(weights, "input_scale")
         parts = [load_weight_shard(self._dense(w), self.tp_size, self.tp_rank, self.tp_mode) for w in weights]

@@ -80,7 +80,8 @@ class KVCacheManager:
         return self.max_attention_window_vec[layer_idx % len(self.max_attention_window_vec)]
 
     def add_dummy_requests(self, request_ids: List[int], token_nums: Optional[List[int]] = None, is_gen=False,
-                           **kwargs):
+                           prepare_resource: bool = True, max_num_draft_tokens: int = 0, use_mrope: bool = False,
+                           max_beam_width: int = 1, num_extra_decoding_steps: int = 0):
         """Add requests and allocate the blocks of their first ``token_nums`` tokens."""
         token_nums = token_nums or [1] * len(request_ids)
         for rid, n in zip(request_ids, token_nums):
@@ -97,9 +98,10 @@ class KVCacheManager:
             self.cache.trim(seq, past)
             self.cache.prepare(seq, past, n)
 
-    def free_resources(self, request_id: int) -> None:
-        self.cache.free_sequence(request_id)
-        self._seqs.discard(request_id)
+    def free_resources(self, request, pin_on_release: bool = False) -> None:
+        """Takes the request id (the real method takes the ``LlmRequest``)."""
+        self.cache.free_sequence(request)
+        self._seqs.discard(request)
 
     def shutdown(self) -> None:
         for rid in list(self._seqs):
