@@ -240,7 +240,10 @@ def test_memory_plan_matches_the_documented_40b_numbers():
     plan = memory_plan(bc, cfg, weight_bytes=23_500_000_000, tp=1, fmt="nvfp4")
     assert plan["kv_bytes_per_token_per_kv_layer_per_gpu"] * 80 == 163_840
     assert plan["kv_stash_bytes_per_gpu"] == 80 * 8192 * 2 * 1024 * 2
-    assert plan["window_tokens_per_sequence"] == 96  # 64 keys -> 2 blocks of 32, plus the block being written
+    # chunked prefill: a whole 8192-token context chunk sits in the window layer's blocks during its step, with the
+    # W - 1 = 63 keys before it: ceil((63 + 8192) / 32) + 1 = 259 blocks of 32 tokens
+    assert plan["window_tokens_per_sequence"] == 259 * 32
+    assert plan["window_size_shares"] == [13230 / 65536, 52306 / 65536]  # 8288 / (8288 + 32768), in 2^-16 steps
     assert plan["max_full_length_sequences"] >= 20
     plan2 = memory_plan(bc, cfg, weight_bytes=23_500_000_000, tp=2, fmt="nvfp4")
     assert plan2["weights_bytes_per_gpu"] * 2 == plan["weights_bytes_per_gpu"]
