@@ -6,7 +6,6 @@ import inspect
 import json
 
 import pytest
-import torch
 
 from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
 

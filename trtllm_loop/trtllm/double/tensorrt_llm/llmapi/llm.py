@@ -20,10 +20,9 @@ Sampling is greedy only (the double is for logits checks and CPU serving tests).
 ``generate`` call (or one ``generate_async`` request) at a time; each gets a fresh KV cache."""
 import asyncio
 import inspect
-import math
 import os
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
