@@ -18,7 +18,7 @@ from trtllm_loop import nvfp4
 from trtllm_loop.checkpoint.formats import DENSE, FP8, NVFP4_CT, NVFP4_MODELOPT, Module, QuantInfo, detect_format, \
     group_modules
 from trtllm_loop.checkpoint.hf import tensor_index
-from trtllm_loop.checkpoint.safetensors_io import read_tensor
+from trtllm_loop.checkpoint.safetensors_io import DENSE_FLOATS, TensorInfo, nonfinite_count, read_tensor
 from trtllm_loop.errors import UserError
 
 
@@ -114,16 +114,35 @@ def weight_amax(mod: Module) -> float:
     return max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(c) for _, c in dense_chunks(mod)))
 
 
+def _need_float(info: TensorInfo) -> None:
+    if info.dtype not in DENSE_FLOATS:
+        raise UserError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; a dense weight must be "
+                        f"{', '.join(DENSE_FLOATS)} (or an NVFP4/FP8 weight with its scales); re-export the checkpoint "
+                        "(run `trtllm-loop validate` for every finding)")
+
+
+def _finite(t: torch.Tensor, info: TensorInfo, name: str) -> torch.Tensor:
+    bad = nonfinite_count(t)
+    if bad:
+        raise UserError(f"{info.file}: tensor {name!r} has {bad} NaN/Inf value(s) after loading; the weights (or "
+                        "their scales) are corrupt, re-export or re-download the checkpoint")
+    return t
+
+
 def load_checkpoint(ckpt: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False
                     ) -> LoadedCheckpoint:
-    """Stream every tensor once; dequantize quantized modules; cast floating tensors to ``dtype``."""
+    """Stream every tensor once; dequantize quantized modules; cast floating tensors to ``dtype``.
+    Refused (UserError): dense weights that are not F32/F16/BF16, and any weight with NaN/Inf once loaded."""
     info = detect_format(ckpt)
     index = tensor_index(ckpt)
     mods, other = group_modules(index)
     out = LoadedCheckpoint({}, info)
     for prefix, mod in tqdm(sorted(mods.items()), desc="load", unit="mod", disable=not progress):
         if "weight" in mod.tensors or "weight_packed" in mod.tensors:
-            out.state_dict[mod.weight_name] = dense_weight(mod, dtype)
+            stored = mod.tensors.get("weight_packed") or mod.tensors["weight"]
+            if mod.kind == DENSE:
+                _need_float(stored)
+            out.state_dict[mod.weight_name] = _finite(dense_weight(mod, dtype), stored, mod.weight_name)
         if mod.quantized:
             s = input_multiplier(mod)
             if s is not None:
@@ -134,6 +153,8 @@ def load_checkpoint(ckpt: str | Path, dtype: torch.dtype = torch.float32, progre
             if kv in mod.tensors:
                 out.kv_scales[f"{prefix}.{kv}"] = _scalar(mod, kv)
     for name, info_t in other.items():
+        if name.endswith((".weight", ".bias")):
+            _need_float(info_t)
         t = read_tensor(info_t)
-        out.state_dict[name] = t.to(dtype) if t.is_floating_point() else t
+        out.state_dict[name] = _finite(t.to(dtype), info_t, name) if t.is_floating_point() else t
     return out

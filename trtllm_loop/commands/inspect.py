@@ -27,11 +27,13 @@ example:
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import positive_int
+
     p = sub.add_parser("inspect", help="architecture, bytes, KV arithmetic, GPU fit", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory (config.json required; weights optional)")
     p.add_argument("--gpu", choices=sorted(GPUS), help="size the KV cache for this GPU")
-    p.add_argument("--max-seq-len", type=int, default=None, help="sequence length for sizing "
+    p.add_argument("--max-seq-len", type=positive_int, default=None, help="sequence length for sizing "
                    "(default: max_position_embeddings)")
     p.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "fp8", "float32"])
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
