@@ -53,9 +53,9 @@ def parse_ids(spec: str) -> list[int]:
             ids = json.loads(path.read_text())
         else:
             ids = [int(x) for x in spec.replace(" ", "").split(",") if x]
-    except (ValueError, json.JSONDecodeError, FileNotFoundError) as e:
+    except (ValueError, RecursionError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"--prompt-ids {spec!r}: expected a JSON file of ids or '1,2,3' ({e})") from None
-    if not ids or not all(isinstance(t, int) for t in ids):
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise UserError(f"--prompt-ids {spec!r}: expected a non-empty list of integer ids")
     return ids
 

@@ -42,9 +42,10 @@ def register(sub):
 
 def weight_bytes(ckpt: Path, cfg) -> tuple[int, str]:
     """On-disk weight bytes: the index's total_size, else the safetensors files, else params x 2."""
-    idx = ckpt / "model.safetensors.index.json"
-    if idx.is_file():
-        total = json.loads(idx.read_text()).get("metadata", {}).get("total_size")
+    from trtllm_loop.checkpoint.hf import INDEX, read_index
+
+    if (ckpt / INDEX).is_file():
+        total = read_index(ckpt)["metadata"].get("total_size")
         if total:
             return int(total), "index total_size"
     files = list(ckpt.glob("*.safetensors"))
