@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _printable(msg: str) -> str:
+    """Messages quote user data: never let a lone surrogate (from a corrupt file) crash the error report."""
+    return msg.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _debug(args) -> bool:
     return getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false",
                                                                                                  "no")
@@ -74,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if _debug(args):
             raise
         msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        print(f"error: {' '.join(msg.split()) if isinstance(e, OSError) else msg}", file=sys.stderr)
+        msg = " ".join(msg.split()) if isinstance(e, OSError) else msg
+        print(f"error: {_printable(msg)}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug: still one line, the traceback on request
         if _debug(args):
             raise
-        print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug or {DEBUG_ENV}=1 for the "
+        print(f"error: internal error {type(e).__name__}: {_printable(str(e))} (rerun with --debug or {DEBUG_ENV}=1 for the "
               "traceback, and report it)", file=sys.stderr)
         return 1
     return int(rc or 0)
