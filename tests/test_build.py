@@ -163,7 +163,8 @@ def test_existing_out_needs_force(tmp_path):
     _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, match="--force")
     assert (out / "keep").exists()
     # --force replaces only trtllm-loop's own output (issue 11): a directory with other content is never deleted
-    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True, match="not written by trtllm-loop")
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True,
+             match="not written by trtllm-loop")
     assert (out / "keep").read_text() == "x"
     (out / "keep").unlink()
     build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out)  # an empty directory is fine

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, the traceback on request
         if _debug(args):
             raise
-        print(f"error: internal error {type(e).__name__}: {_printable(str(e))} (rerun with --debug or {DEBUG_ENV}=1 for the "
+        print(f"error: internal error {type(e).__name__}: {_printable(str(e))} (rerun with --debug or "
+              f"{DEBUG_ENV}=1 for the "
               "traceback, and report it)", file=sys.stderr)
         return 1
     return int(rc or 0)
