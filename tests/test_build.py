@@ -163,8 +163,15 @@ def test_existing_out_needs_force(tmp_path):
     (out / "keep").write_text("x")
     _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, match="--force")
     assert (out / "keep").exists()
+    # --force replaces only trtllm-loop's own output (issue 11): a directory with other content is never deleted
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True,
+             match="not written by trtllm-loop")
+    assert (out / "keep").read_text() == "x"
+    (out / "keep").unlink()
+    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out)  # an empty directory is fine
+    (out / "serve.sh").write_text("edited")
     build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True, weights="copy")
-    assert not (out / "keep").exists() and (out / "serve.sh").exists()
+    assert (out / "serve.sh").read_text() != "edited"
     assert os.stat(out / "model.safetensors").st_ino != os.stat(FIX / "modelopt_nvfp4/model.safetensors").st_ino
 
 

@@ -75,7 +75,7 @@ def test_logits_cli_writes_npy_and_directories(tmp_path, mode):
     assert got.dtype == np.float32 and np.abs(got - expected).max() < 1e-4
     assert cli("logits", d, "--ids", tmp_path / "a.json", "--ids", tmp_path / "b.json", "--mode", mode,
                "--out", tmp_path / "many", "--chunk", 5, "--tokens-per-block", 4, "--prefill-len", 6) == 0
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0.npy", "1.npy"]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [".trtllm-loop-output", "0.npy", "1.npy"]
     assert np.abs(np.load(tmp_path / "many" / "1.npy") - expected[:9]).max() < 1e-4
 
 

@@ -47,6 +47,12 @@ _NONE = type(None)
 _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "loop_window_size")
 _DTYPES = ("float32", "bfloat16", "float16")
+# upper bounds, far above any real Loop model (the released 40B: 80 layers, hidden 5120, vocab 76800), so that a
+# corrupt or absurd config.json fails here, at once, instead of after minutes of building tensor tables
+MAX_SIZES = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
+             "vocab_size": 1 << 22, "num_attention_heads": 1024, "max_position_embeddings": 1 << 24,
+             "loop_window_size": 1 << 24, "head_dim": 4096}
+_FLOATS = ("rms_norm_eps", "rope_theta", "initializer_range", "attention_dropout")
 
 
 def _field(default, *json_types: type, doc: str = ""):
@@ -130,6 +136,14 @@ class LoopConfig:
         for name in _POSITIVE:
             if vals[name] <= 0:
                 raise ConfigError(f"{source}: field {name!r} is {vals[name]}; it must be a positive integer")
+        for name, hi in MAX_SIZES.items():
+            if vals[name] is not None and vals[name] > hi:
+                raise ConfigError(f"{source}: field {name!r} is {vals[name]}, above the supported maximum {hi} "
+                                  "(the released Loop models are far below it); the config.json is corrupt or not "
+                                  "a Loop model's")
+        for name in _FLOATS:
+            if not math.isfinite(vals[name]):
+                raise ConfigError(f"{source}: field {name!r} is {vals[name]!r}; it must be a finite number")
         if vals["loop_num"] != 2:
             raise ConfigError(
                 f"{source}: field 'loop_num' is {vals['loop_num']}; only loop_num = 2 is supported "
@@ -138,8 +152,9 @@ class LoopConfig:
         if vals["hidden_act"] != "silu":
             raise ConfigError(f"{source}: field 'hidden_act' is {vals['hidden_act']!r}; allowed: 'silu'")
         rs = vals["rope_scaling"]
+        factor = 1.0 if rs is None else rs.get("factor", 1.0)
         if rs is not None and (rs.get("rope_type", rs.get("type")) not in ("default", None) or
-                               float(rs.get("factor", 1.0)) != 1.0):
+                               not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor != 1.0):
             raise ConfigError(f"{source}: field 'rope_scaling' is {rs!r}; allowed: null or "
                               "{'rope_type': 'default'} (the Loop models use plain RoPE, no scaling)")
         vals["rope_scaling"] = None  # plain RoPE however spelt (transformers >= 5 writes its rope_parameters here)
@@ -187,9 +202,16 @@ class LoopConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: not found; a checkpoint directory must contain config.json")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason}); config.json must be UTF-8 "
+                              "JSON, restore or re-download it") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:

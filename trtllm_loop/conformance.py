@@ -20,12 +20,12 @@ def read_ids(files: list[str]) -> list[list[int]]:
     seqs = []
     for f in files:
         try:
-            data = json.loads(Path(f).read_text())
+            data = json.loads(Path(f).read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise UserError(f"{f}: --ids file not found") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{f}: not valid JSON ({e}); expected a list of token ids") from None
-        group = data if data and isinstance(data[0], list) else [data]
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise UserError(f"{f}: not valid JSON ({e or 'nested too deeply'}); expected a list of token ids") from None
+        group = data if isinstance(data, list) and data and isinstance(data[0], list) else [data]
         for s in group:
             if not isinstance(s, list) or not s or not all(isinstance(t, int) and not isinstance(t, bool) for t in s):
                 raise UserError(f"{f}: expected a non-empty JSON list of integer token ids")

@@ -94,9 +94,38 @@ def group_modules(index: dict[str, TensorInfo]) -> tuple[dict[str, Module], dict
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); re-export or restore the file") from None
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: not valid UTF-8 JSON ({e or 'nested too deeply'}); re-export or restore the "
+                        "file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: a JSON {type(d).__name__}, expected an object; re-export or restore the file")
+    return d
+
+
+def _obj(v, where: str, default=None) -> dict:
+    """``v`` if it is a JSON object (``default`` when missing), else a UserError naming ``where``."""
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, dict):
+        raise UserError(f"{where} is {str(v)[:60]!r}, expected a JSON object; re-export the checkpoint")
+    return v
+
+
+def _list(v, where: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise UserError(f"{where} is {str(v)[:60]!r}, expected a JSON list; re-export the checkpoint")
+    return v
+
+
+def _opt(v, types, where: str):
+    if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+        raise UserError(f"{where} is {str(v)[:60]!r} ({type(v).__name__}); re-export the checkpoint")
+    return v
 
 
 def detect_format(ckpt: str | Path) -> QuantInfo:
@@ -108,35 +137,42 @@ def detect_format(ckpt: str | Path) -> QuantInfo:
         q = d.get("quantization")
         if not isinstance(q, dict):
             raise UserError(f"{hq}: no 'quantization' object; re-export with modelopt's export_hf_checkpoint")
-        return QuantInfo("modelopt", q.get("quant_algo"), q.get("group_size"), q.get("kv_cache_quant_algo"),
-                         list(q.get("exclude_modules") or []), (d.get("producer") or {}).get("name", "modelopt"),
-                         str(hq))
+        return QuantInfo("modelopt", _opt(q.get("quant_algo"), str, f"{hq}: quantization.quant_algo"),
+                         _opt(q.get("group_size"), int, f"{hq}: quantization.group_size"),
+                         _opt(q.get("kv_cache_quant_algo"), str, f"{hq}: quantization.kv_cache_quant_algo"),
+                         [str(m) for m in _list(q.get("exclude_modules"), f"{hq}: quantization.exclude_modules")],
+                         str(_obj(d.get("producer"), f"{hq}: producer", {}).get("name", "modelopt")), str(hq))
     cfg_path = ckpt / "config.json"
     qc = _read_json(cfg_path).get("quantization_config") if cfg_path.is_file() else None
     if not qc:
         return QuantInfo("hf")
-    method = qc.get("quant_method")
     src = f"{cfg_path}:quantization_config"
+    qc = _obj(qc, src)
+    method = qc.get("quant_method")
+    groups = _obj(qc.get("config_groups"), f"{src}.config_groups", {})
+    for name, g in groups.items():
+        _obj(g, f"{src}.config_groups.{name}")
+        _obj(g.get("weights"), f"{src}.config_groups.{name}.weights", {})
+    kv = qc.get("kv_cache_scheme")
+    if kv:
+        kv = _obj(kv, f"{src}.kv_cache_scheme")
+    ignore = [str(m) for m in _list(qc.get("ignore"), f"{src}.ignore")]
     if method == "modelopt":
-        kv = qc.get("kv_cache_scheme")
         kv_algo = None if not kv else ("FP8" if kv.get("num_bits") == 8 else str(kv))
-        groups = qc.get("config_groups") or {}
-        gs = next((g.get("weights", {}).get("group_size") for g in groups.values()), 16 if "NVFP4" in
+        gs = next(((g.get("weights") or {}).get("group_size") for g in groups.values()), 16 if "NVFP4" in
                   str(qc.get("quant_algo")) else None)
-        return QuantInfo("modelopt", qc.get("quant_algo"), gs, kv_algo, list(qc.get("ignore") or []),
-                         (qc.get("producer") or {}).get("name", "modelopt"), src)
+        return QuantInfo("modelopt", _opt(qc.get("quant_algo"), str, f"{src}.quant_algo"),
+                         _opt(gs, int, f"{src}: group_size"), kv_algo, ignore,
+                         str(_obj(qc.get("producer"), f"{src}.producer", {}).get("name", "modelopt")), src)
     if method == "compressed-tensors":
-        groups = qc.get("config_groups") or {}
-        fmts = {qc.get("format")} | {g.get("format") for g in groups.values() if g.get("format")}
-        fmts.discard(None)
+        fmts = {str(f) for f in [qc.get("format")] + [g.get("format") for g in groups.values()] if f is not None}
         if fmts != {"nvfp4-pack-quantized"}:
             raise UserError(f"{src}: compressed-tensors format {sorted(fmts)} is not supported; trtllm-loop reads "
                             "'nvfp4-pack-quantized' (llm-compressor schemes NVFP4 / NVFP4A16) only")
         w4a4 = any(g.get("input_activations") for g in groups.values())
-        gsz = next((g.get("weights", {}).get("group_size") for g in groups.values()), None)
-        kv = qc.get("kv_cache_scheme")
-        return QuantInfo("compressed-tensors", "NVFP4" if w4a4 else "NVFP4A16", gsz,
+        gsz = next(((g.get("weights") or {}).get("group_size") for g in groups.values()), None)
+        return QuantInfo("compressed-tensors", "NVFP4" if w4a4 else "NVFP4A16", _opt(gsz, int, f"{src}: group_size"),
                          None if not kv else f"{kv.get('type', '')}{kv.get('num_bits', '')}".upper(),
-                         list(qc.get("ignore") or []), "llm-compressor", src)
+                         ignore, "llm-compressor", src)
     raise UserError(f"{src}: quant_method {method!r} is not supported; trtllm-loop reads 'modelopt' and "
                     "'compressed-tensors' (nvfp4-pack-quantized) checkpoints, or dense HF checkpoints")

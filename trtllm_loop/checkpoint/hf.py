@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import torch
@@ -15,17 +15,53 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def _dup_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"key {k!r} appears twice")
+        d[k] = v
+    return d
+
+
+def read_index(ckpt: str | Path) -> dict:
+    """The parsed ``model.safetensors.index.json`` (the one parser of it): a JSON object whose ``weight_map``
+    maps tensor names to shard file names *inside* the checkpoint directory (no absolute paths, no ``..``,
+    no sub-directories), and whose ``metadata.total_size``, if present, is an integer >= 0 (else dropped)."""
+    path = Path(ckpt) / INDEX
+    try:
+        idx = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_dup_keys)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); restore or re-download it") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({e or 'nested too deeply'}); restore or re-download it") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+        raise UserError(f"{path}: has no 'weight_map' object; re-export the checkpoint")
+    for name, shard in idx["weight_map"].items():
+        if not isinstance(shard, str) or not shard:
+            raise UserError(f"{path}: weight_map[{name!r}] is {shard!r}; expected a shard file name such as "
+                            "'model-00001-of-00002.safetensors'; re-export the checkpoint")
+        p = PurePosixPath(shard)
+        if p.is_absolute() or "\\" in shard or len(p.parts) != 1 or p.name in (".", ".."):
+            raise UserError(f"{path}: weight_map[{name!r}] is {shard!r}, a path outside the checkpoint directory; "
+                            "shards must be plain file names next to the index (trtllm-loop never follows an index "
+                            "out of its checkpoint): move the shard into the checkpoint and list its file name")
+    meta = idx.get("metadata")
+    if not isinstance(meta, dict):
+        idx["metadata"] = meta = {}
+    ts = meta.get("total_size")
+    if ts is not None and not (isinstance(ts, int) and not isinstance(ts, bool) and ts >= 0):
+        meta.pop("total_size")
+    return idx
+
+
 def weight_map(ckpt: str | Path) -> dict[str, Path]:
     """tensor name -> shard file, from the index or from the single-file header."""
     ckpt = Path(ckpt)
     if (ckpt / INDEX).is_file():
-        try:
-            idx = json.loads((ckpt / INDEX).read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{ckpt / INDEX}: not valid JSON ({e})") from None
-        wm = idx.get("weight_map")
-        if not isinstance(wm, dict):
-            raise UserError(f"{ckpt / INDEX}: has no 'weight_map' object; re-export the checkpoint")
+        wm = read_index(ckpt)["weight_map"]
         out = {}
         for name, shard in wm.items():
             f = ckpt / shard
@@ -44,10 +80,16 @@ def tensor_index(ckpt: str | Path) -> dict[str, TensorInfo]:
     Raises if a tensor the index lists is absent from its shard, or a shard is truncated."""
     wm = weight_map(ckpt)
     headers: dict[Path, dict[str, TensorInfo]] = {}
+    stored_in: dict[str, Path] = {}
     out = {}
     for name, shard in wm.items():
         if shard not in headers:
             headers[shard] = read_header(shard)[0]
+            for n in headers[shard]:
+                if n in stored_in:
+                    raise UserError(f"{shard}: tensor {n!r} is also stored in {stored_in[n]}; a tensor must be "
+                                    "stored once (which copy is right?): re-export the checkpoint")
+                stored_in[n] = shard
         info = headers[shard].get(name)
         if info is None:
             raise UserError(f"{shard}: tensor {name!r} is listed in {INDEX} but not stored in this shard; the "
@@ -68,6 +110,16 @@ def unindexed_tensors(ckpt: str | Path) -> dict[str, Path]:
             if name not in wm:
                 out[name] = f
     return out
+
+
+def duplicate_tensors(ckpt: str | Path) -> dict[str, list[Path]]:
+    """Tensor names stored in more than one ``*.safetensors`` file of the checkpoint directory (listed in the
+    index or not), with those files."""
+    seen: dict[str, list[Path]] = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        for name in read_header(f)[0]:
+            seen.setdefault(name, []).append(f)
+    return {n: fs for n, fs in seen.items() if len(fs) > 1}
 
 
 def iter_tensors(ckpt: str | Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

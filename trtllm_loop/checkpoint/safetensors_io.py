@@ -23,6 +23,17 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# the dtypes a dense (unquantized) weight may have; F64 and integers are refused rather than silently cast
+DENSE_FLOATS = ("F32", "F16", "BF16")
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """Number of NaN/Inf elements of a float tensor, in row chunks (no full-size temporary)."""
+    if not t.is_floating_point() or not t.numel():
+        return 0
+    flat = t.reshape(-1)
+    step = 1 << 24
+    return sum(int((~torch.isfinite(flat[i:i + step])).sum()) for i in range(0, flat.numel(), step))
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,27 @@ class TensorInfo:
         return self.end - self.start
 
 
+class _Corrupt(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _Corrupt(f"key {k!r} appears twice")
+        d[k] = v
+    return d
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse a safetensors header; check every tensor lies inside the file (truncation is caught here)."""
+    """Parse and check a safetensors header: a JSON object of ``name -> {dtype, shape, data_offsets}`` (plus an
+    optional ``__metadata__`` of strings), no name twice, every tensor inside the file (truncation is caught
+    here), byte ranges that match dtype x shape and do not overlap. Anything else is a one-line UserError."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -55,16 +85,34 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, 100 << 20):
                 raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the safetensors header ({e}); the file is truncated or corrupt, "
-                        "copy or download it again") from None
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: cannot read the safetensors header ({e or type(e).__name__}); the file is "
+                        "truncated or corrupt, copy or download it again") from None
+    bad = f"{path}: corrupt safetensors header"
+    fix = "the file is corrupt or was not written by a safetensors writer; copy or re-export it"
+    if not isinstance(header, dict):
+        raise UserError(f"{bad}: a JSON {type(header).__name__}, expected an object; {fix}")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{bad}: '__metadata__' must be an object of strings; {fix}")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, e in header.items():
-        start, end = (base + o for o in e["data_offsets"])
-        info = TensorInfo(path, name, e["dtype"], tuple(e["shape"]), start, end)
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise UserError(f"{bad}: tensor {name!r} must be an object with 'dtype', 'shape' and "
+                            f"'data_offsets', got {str(e)[:80]}; {fix}")
+        dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str):
+            raise UserError(f"{bad}: tensor {name!r} has dtype {dtype!r}, expected a string such as 'BF16'; {fix}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise UserError(f"{bad}: tensor {name!r} has shape {shape!r}, expected a list of integers >= 0; {fix}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs) or \
+                not 0 <= offs[0] <= offs[1]:
+            raise UserError(f"{bad}: tensor {name!r} has data_offsets {offs!r}, expected [begin, end] with "
+                            f"0 <= begin <= end; {fix}")
+        start, end = base + offs[0], base + offs[1]
+        info = TensorInfo(path, name, dtype, tuple(shape), start, end)
         if end > size:
             raise UserError(f"{path}: tensor {name!r} ends at byte {end} but the file has {size} bytes; the shard "
                             "is truncated, copy or download it again")
@@ -74,6 +122,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
                             f"{list(info.shape)} need {math.prod(info.shape) * dt.itemsize}; re-export the "
                             "checkpoint")
         out[name] = info
+    prev = None
+    for info in sorted(out.values(), key=lambda i: (i.start, i.end)):
+        if prev is not None and info.start < prev.end and info.nbytes and prev.nbytes:
+            raise UserError(f"{bad}: tensors {prev.name!r} and {info.name!r} overlap (bytes {prev.start}-{prev.end} "
+                            f"and {info.start}-{info.end}); {fix}")
+        if info.nbytes:
+            prev = info
     return out, meta
 
 

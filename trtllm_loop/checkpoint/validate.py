@@ -17,8 +17,8 @@ import torch
 from trtllm_loop import nvfp4
 from trtllm_loop.checkpoint.formats import FP8, FUSED_GROUPS, NVFP4_CT, NVFP4_MODELOPT, Module, detect_format, \
     group_modules
-from trtllm_loop.checkpoint.hf import INDEX, tensor_index, unindexed_tensors
-from trtllm_loop.checkpoint.safetensors_io import read_tensor
+from trtllm_loop.checkpoint.hf import INDEX, duplicate_tensors, tensor_index, unindexed_tensors
+from trtllm_loop.checkpoint.safetensors_io import DENSE_FLOATS, nonfinite_count, read_tensor
 from trtllm_loop.config import ConfigError, LoopConfig
 from trtllm_loop.errors import UserError
 
@@ -93,6 +93,9 @@ def check(ckpt: str | Path) -> list[Finding]:
 
 # ------------------------------------------------------------------------------------------------ checks
 def _check_presence(out, ckpt, expected, mods, other) -> None:
+    for name, files in duplicate_tensors(ckpt).items():
+        out.add(ERROR, files[1], name, f"is stored in {len(files)} files ({', '.join(f.name for f in files)}); a "
+                "tensor must be stored once: remove the stale shard or re-export the checkpoint")
     stray = unindexed_tensors(ckpt)
     for name, f in stray.items():
         out.add(ERROR, ckpt / INDEX, name, f"is stored in {f.name} but missing from the index; regenerate "
@@ -109,6 +112,14 @@ def _check_presence(out, ckpt, expected, mods, other) -> None:
     for name, info in other.items():
         if name not in expected:
             out.add(WARNING, info.file, name, "is not part of this config's model; it is ignored")
+        elif info.dtype not in DENSE_FLOATS:
+            out.add(ERROR, info.file, name, f"has dtype {info.dtype}; expected a float tensor "
+                    f"({', '.join(DENSE_FLOATS)}); re-export the checkpoint")
+        elif tuple(info.shape) != tuple(expected[name]):
+            out.add(ERROR, info.file, name, f"has shape {list(info.shape)}, config.json expects "
+                    f"{list(expected[name])}; the checkpoint and its config.json do not match")
+        else:
+            _check_finite(out, info, name)
 
 
 def _expected_shape(mod: Module, expected) -> tuple[int, int] | None:
@@ -140,15 +151,25 @@ def _check_module(out, mod: Module, expected) -> None:
         _check_fp8(out, mod, shape)
     elif "weight" in t:
         w = t["weight"]
-        if w.dtype not in ("F32", "F16", "BF16"):
+        if w.dtype not in DENSE_FLOATS:
             out.add(ERROR, w.file, wname, f"has dtype {w.dtype} but no block scales; expected a dense float weight "
                     "or an NVFP4 weight with weight_scale; re-export the checkpoint")
         elif tuple(w.shape) != tuple(expected[wname]):
             out.add(ERROR, w.file, wname, f"has shape {list(w.shape)}, config.json expects "
                     f"{list(expected[wname])}; the checkpoint and its config.json do not match")
+        else:
+            _check_finite(out, w, wname)
         stray = set(t) - {"weight"}
         if stray:
             out.add(WARNING, w.file, wname, f"is dense but has scale tensors {sorted(stray)}; they are ignored")
+
+
+def _check_finite(out, info, name) -> None:
+    """Scan a dense float tensor for NaN/Inf (one tensor in memory at a time)."""
+    bad = nonfinite_count(read_tensor(info))
+    if bad:
+        out.add(ERROR, info.file, name, f"has {bad} NaN/Inf value(s) out of {math.prod(info.shape)}; the weights "
+                "are corrupt, re-export or re-download the checkpoint")
 
 
 def _check_shape_dtype(out, info, name, want_dtype, want_shape, why) -> bool:

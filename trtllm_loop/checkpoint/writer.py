@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from trtllm_loop.checkpoint.hf import INDEX, SINGLE
 from trtllm_loop.checkpoint.safetensors_io import SafetensorsWriter
-from trtllm_loop.fsutil import atomic_dir  # noqa: F401  (re-exported for convert / fix_fused)
+from trtllm_loop.fsutil import MARKER, atomic_dir  # noqa: F401  (re-exported for convert / fix_fused)
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 # files that describe the weights we rewrite; everything else (tokenizer, generation config, chat template,
@@ -25,7 +25,7 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer and other non-weight files; returns their names."""
     copied = []
     for f in sorted(Path(src).iterdir()):
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in WEIGHT_FILES:
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in WEIGHT_FILES and f.name != MARKER:
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied

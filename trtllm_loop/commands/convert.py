@@ -21,14 +21,17 @@ example:
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import add_force, positive_float
+
     p = sub.add_parser("convert", help="NVFP4 / BF16 -> ModelOpt FP8 or BF16 checkpoint", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="source checkpoint directory")
-    p.add_argument("out", help="output directory (must not exist or be empty)")
+    p.add_argument("out", help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("--to", required=True, choices=["fp8", "bf16"])
     p.add_argument("--calib-ids", nargs="+", metavar="FILE.json",
                    help="token ids for activation calibration (sources without input_scale)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit (default 5)")
+    p.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="shard size limit (default 5)")
+    add_force(p, "OUT")
     p.set_defaults(func=run)
 
 
@@ -37,7 +40,8 @@ def run(args) -> int:
     from trtllm_loop.quantize.convert import convert
 
     calib = read_ids(args.calib_ids) if args.calib_ids else None
-    rep = convert(args.src, args.out, args.to, calib_ids=calib, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    rep = convert(args.src, args.out, args.to, calib_ids=calib, max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)),
+                  force=args.force)
     for w in rep["warnings"]:
         print(w)
     src = rep["source_format"]

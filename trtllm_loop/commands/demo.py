@@ -16,10 +16,12 @@ shut the server down. Runs on CPU in about a minute; downloads nothing.
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import positive_int
+
     p = sub.add_parser("demo", help="end-to-end demo on a tiny synthetic model (CPU)", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where to write the demo model (default: a temp dir)")
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-tokens", type=positive_int, default=24)
     p.add_argument("--no-server", action="store_true",
                    help="skip the Triton part: synthesize and generate in-process only")
     p.set_defaults(func=run)

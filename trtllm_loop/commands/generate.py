@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from trtllm_loop.commands.argtypes import finite_float, nonneg_float, nonneg_int, positive_int
 from trtllm_loop.errors import UserError
 
 HELP = """\
@@ -29,18 +30,18 @@ def register(sub):
     src.add_argument("--prompt-ids", action="append", help="JSON file or comma-separated ids; repeatable")
     src.add_argument("--prompt", action="append", help="prompt text (needs tokenizer files); repeatable")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=positive_int, default=32)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=nonneg_int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (text, or ids with --prompt-ids)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--emulate-activations", choices=["nvfp4"], default=None,
                    help="quantize Linear inputs like W4A4 NVFP4 kernels (NVFP4 exports with input_scale)")
-    p.add_argument("--tokens-per-block", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--tokens-per-block", type=positive_int, default=16)
+    p.add_argument("--chunk", type=positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt at the end")
     p.set_defaults(func=run)
 
@@ -52,9 +53,9 @@ def parse_ids(spec: str) -> list[int]:
             ids = json.loads(path.read_text())
         else:
             ids = [int(x) for x in spec.replace(" ", "").split(",") if x]
-    except (ValueError, json.JSONDecodeError, FileNotFoundError) as e:
+    except (ValueError, RecursionError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"--prompt-ids {spec!r}: expected a JSON file of ids or '1,2,3' ({e})") from None
-    if not ids or not all(isinstance(t, int) for t in ids):
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise UserError(f"--prompt-ids {spec!r}: expected a non-empty list of integer ids")
     return ids
 

@@ -27,11 +27,13 @@ example:
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import positive_int
+
     p = sub.add_parser("inspect", help="architecture, bytes, KV arithmetic, GPU fit", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory (config.json required; weights optional)")
     p.add_argument("--gpu", choices=sorted(GPUS), help="size the KV cache for this GPU")
-    p.add_argument("--max-seq-len", type=int, default=None, help="sequence length for sizing "
+    p.add_argument("--max-seq-len", type=positive_int, default=None, help="sequence length for sizing "
                    "(default: max_position_embeddings)")
     p.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "fp8", "float32"])
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -40,9 +42,10 @@ def register(sub):
 
 def weight_bytes(ckpt: Path, cfg) -> tuple[int, str]:
     """On-disk weight bytes: the index's total_size, else the safetensors files, else params x 2."""
-    idx = ckpt / "model.safetensors.index.json"
-    if idx.is_file():
-        total = json.loads(idx.read_text()).get("metadata", {}).get("total_size")
+    from trtllm_loop.checkpoint.hf import INDEX, read_index
+
+    if (ckpt / INDEX).is_file():
+        total = read_index(ckpt)["metadata"].get("total_size")
         if total:
             return int(total), "index total_size"
     files = list(ckpt.glob("*.safetensors"))

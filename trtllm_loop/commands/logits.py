@@ -1,15 +1,13 @@
 """``trtllm-loop logits``: the conformance entry point -- fp32 logits of every position, per backend mode."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from trtllm_loop.conformance import MODES, compute, read_ids
 from trtllm_loop.errors import UserError
-from trtllm_loop.fsutil import atomic_dir
+from trtllm_loop.fsutil import atomic_dir, atomic_file, check_output
 
 HELP = """\
 Compute float32 logits for every position of every sequence, with one of the project's backends:
@@ -31,6 +29,8 @@ example:
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import add_force, positive_int
+
     p = sub.add_parser("logits", help="fp32 logits of every position (conformance entry point)",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory")
@@ -38,41 +38,50 @@ def register(sub):
                    help="token ids (JSON list); repeat for several sequences")
     p.add_argument("--mode", default="prefill", choices=MODES)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--tokens-per-block", type=int, default=16, help="paged modes: KV block size in tokens")
-    p.add_argument("--chunk", type=int, default=256, help="paged modes: context chunk size in tokens")
-    p.add_argument("--prefill-len", type=int, default=None,
+    p.add_argument("--tokens-per-block", type=positive_int, default=16, help="paged modes: KV block size in tokens")
+    p.add_argument("--chunk", type=positive_int, default=256, help="paged modes: context chunk size in tokens")
+    p.add_argument("--prefill-len", type=positive_int, default=None,
                    help="paged modes: tokens run as context (default all); the rest one per step")
     p.add_argument("--emulate-activations", choices=["nvfp4"], default=None,
                    help="reference modes: also quantize Linear inputs like W4A4 NVFP4 kernels (needs input_scale)")
-    p.add_argument("--tp", type=int, default=1, help="torch-backend: tensor-parallel size (simulated ranks)")
+    p.add_argument("--tp", type=positive_int, default=1, help="torch-backend: tensor-parallel size (simulated ranks)")
     p.add_argument("--out", required=True, help=".npy file (one sequence) or directory (several)")
+    add_force(p, "--out")
     p.set_defaults(func=run)
 
 
-def write_outputs(arrays: list[np.ndarray], out: str) -> None:
-    """Atomic: one .npy, or a directory of i.npy written to a temp dir and renamed."""
-    out_p = Path(out)
-    out_p.parent.mkdir(parents=True, exist_ok=True)
-    if len(arrays) == 1 and out.endswith(".npy"):
-        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=out_p.parent)
-        os.close(fd)
-        np.save(tmp, arrays[0].astype(np.float32))
-        os.replace(tmp, out_p)
-        return
-    if len(arrays) == 1 and not out_p.is_dir() and not out.endswith("/"):
+def _is_npy(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def _single(n: int, out: str) -> bool:
+    if n == 1 and out.endswith(".npy"):
+        return True
+    if n == 1 and not Path(out).is_dir() and not out.endswith("/"):
         raise UserError(f"--out {out}: with one --ids, give a path ending in .npy")
-    with atomic_dir(out_p, overwrite=True) as tmp:
+    return False
+
+
+def write_outputs(arrays: list[np.ndarray], out: str, force: bool = False, protect: tuple = ()) -> None:
+    """Atomic: one .npy, or a directory of i.npy written to a temp dir and renamed (fsutil's rules: an existing
+    output only with ``force``, and only if it is one of ours)."""
+    if _single(len(arrays), out):
+        with atomic_file(out, force, own_file=_is_npy, protect=protect) as tmp:
+            np.save(tmp, arrays[0].astype(np.float32))
+        return
+    with atomic_dir(out, force, protect=protect) as tmp:
         for i, a in enumerate(arrays):
             np.save(tmp / f"{i}.npy", a.astype(np.float32))
 
 
 def run(args) -> int:
     seqs = read_ids(args.ids)
-    if args.tokens_per_block <= 0 or args.chunk <= 0:
-        raise UserError("--tokens-per-block and --chunk must be positive")
+    check_output(args.out, args.force, protect=(args.ckpt,),  # before the compute, not after
+                 own_file=_is_npy if _single(len(seqs), args.out) else None)
     arrays = compute(args.ckpt, seqs, args.mode, args.dtype, args.tokens_per_block, args.chunk,
                      args.prefill_len, args.tp, args.emulate_activations)
-    write_outputs(arrays, args.out)
+    write_outputs(arrays, args.out, args.force, protect=(args.ckpt,))
     shapes = ", ".join(str(list(a.shape)) for a in arrays)
     print(f"wrote {len(arrays)} logits array(s) {shapes} to {args.out} (mode {args.mode}, {args.dtype})")
     return 0

@@ -20,15 +20,17 @@ example:
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import add_force, nonneg_int
+
     p = sub.add_parser("synth", help="write a random checkpoint (tiny / small / 40b-shape)", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("out", help="output checkpoint directory (must not exist unless --force)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "40b-shape"])
-    p.add_argument("--seed", type=int, default=0, help="RNG seed (same seed -> same bytes)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="RNG seed (same seed -> same bytes)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype on disk (the released model is bfloat16)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_force(p, "OUT")
     p.set_defaults(func=run)
 
 
@@ -36,6 +38,6 @@ def run(args) -> int:
     from trtllm_loop.synth import synthesize
 
     out = synthesize(args.out, args.preset, args.seed, args.dtype, tokenizer=not args.no_tokenizer,
-                     overwrite=args.overwrite)
+                     overwrite=args.force)
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0

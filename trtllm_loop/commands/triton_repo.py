@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from trtllm_loop.commands.argtypes import add_force, fraction, positive_int
+
 HELP = """\
 Render a Triton model repository for a Loop checkpoint. Every flavour exposes the same client contract:
 `ensemble` (preprocessing -> tensorrt_llm -> postprocessing) and `tensorrt_llm_bls` (exact streaming with
@@ -32,19 +34,19 @@ def register(sub) -> None:
     p.add_argument("--engine", metavar="DIR", help="TensorRT-LLM engine directory (tensorrtllm flavour)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: --model)")
     p.add_argument("--out", required=True, metavar="DIR", help="output repository directory")
-    p.add_argument("--max-batch-size", type=int, default=8, help="Triton and runtime max batch size (8)")
-    p.add_argument("--max-seq-len", type=int, help="prompt + output tokens (default: engine / max_position_embeddings)")
-    p.add_argument("--max-num-tokens", type=int, default=256, help="tokens per scheduler step (256)")
-    p.add_argument("--max-input-len", type=int, help="longest accepted prompt in tokens (default: max_seq_len - 1)")
-    p.add_argument("--max-output-len", type=int, help="largest accepted max_tokens (default: max_seq_len - 1)")
-    p.add_argument("--kv-cache-fraction", type=float, default=0.9, help="GPU memory fraction for the KV cache")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="Triton and runtime max batch size (8)")
+    p.add_argument("--max-seq-len", type=positive_int, help="prompt + output tokens (default: engine / max_position_embeddings)")
+    p.add_argument("--max-num-tokens", type=positive_int, default=256, help="tokens per scheduler step (256)")
+    p.add_argument("--max-input-len", type=positive_int, help="longest accepted prompt in tokens (default: max_seq_len - 1)")
+    p.add_argument("--max-output-len", type=positive_int, help="largest accepted max_tokens (default: max_seq_len - 1)")
+    p.add_argument("--kv-cache-fraction", type=fraction, default=0.9, help="GPU memory fraction for the KV cache")
     p.add_argument("--enable-kv-cache-reuse", action="store_true", help="prefix caching (GPU flavours)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="cuda_graph_mode false (GPU flavours)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (llmapi)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size (llmapi)")
     p.add_argument("--exclude-input-in-output", action="store_true",
                    help="server default: return only the completion (TRT-LLM default is to echo the prompt)")
-    p.add_argument("--torch-threads", type=int, default=1, help="CPU threads of the reference runtime")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--torch-threads", type=positive_int, default=1, help="CPU threads of the reference runtime")
+    add_force(p, "--out")
     p.set_defaults(func=run)
 
 
@@ -57,6 +59,6 @@ def run(args) -> int:
         max_input_len=args.max_input_len, max_output_len=args.max_output_len,
         kv_cache_free_gpu_mem_fraction=args.kv_cache_fraction, enable_kv_cache_reuse=args.enable_kv_cache_reuse,
         cuda_graph_mode=not args.no_cuda_graphs, exclude_input_in_output=args.exclude_input_in_output,
-        torch_threads=args.torch_threads, tensor_parallel_size=args.tp, overwrite=args.overwrite)
+        torch_threads=args.torch_threads, tensor_parallel_size=args.tp, overwrite=args.force)
     print(f"wrote {args.flavour} Triton repository to {out} (validated); serve it with: trtllm-loop serve {out}")
     return 0

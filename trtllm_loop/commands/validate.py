@@ -19,11 +19,14 @@ example:
 def register(sub):
     import argparse
 
+    from trtllm_loop.commands.argtypes import add_force
+
     p = sub.add_parser("validate", help="validate a (quantized) checkpoint; optionally fix fused scales",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory")
     p.add_argument("--fix-fused-scales", metavar="OUT", help="write a copy with shared fused global scales")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    add_force(p, "the --fix-fused-scales output")
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,7 @@ def run(args) -> int:
 
     if args.fix_fused_scales:
         from trtllm_loop.quantize.fix_fused import fix_fused_scales
-        rep = fix_fused_scales(args.ckpt, args.fix_fused_scales)
+        rep = fix_fused_scales(args.ckpt, args.fix_fused_scales, force=args.force)
         print(rep["message"])
         args.ckpt = args.fix_fused_scales
     findings = validate(args.ckpt)

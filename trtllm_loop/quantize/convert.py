@@ -28,11 +28,13 @@ from trtllm_loop.checkpoint.validate import check
 from trtllm_loop.checkpoint.writer import atomic_dir, copy_side_files, write_tensors
 from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import check_output
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EXCLUDE = ["lm_head", "model.embed_tokens", "model.gate_projections*"]
 FP8 = torch.float8_e4m3fn
+HINT = "it is not empty: choose another output directory, or pass --force to replace an earlier output"
 
 
 def fp8_from_module(mod: Module, scale: float) -> torch.Tensor:
@@ -69,11 +71,14 @@ def _share_fused(values: dict[str, float], layers: int) -> dict[str, float]:
 
 
 def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]] | None = None,
-            dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30) -> dict:
+            dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30, force: bool = False) -> dict:
     """Validate ``src``, write ``out`` atomically; returns a summary dict."""
     if to not in ("fp8", "bf16"):
         raise UserError(f"--to {to!r} unknown; allowed: fp8, bf16")
     src, out = Path(src), Path(out)
+    if max_shard_bytes <= 0:
+        raise UserError(f"--max-shard-gb must be positive (got {max_shard_bytes} bytes)")
+    check_output(out, force, HINT, protect=(src,))
     warnings = check(src)
     cfg = LoopConfig.from_file(src)
     info = detect_format(src)
@@ -136,7 +141,7 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
             del t  # before making the next one: two 786 MB embeddings must not coexist
 
     has_kv = to == "fp8" and any(n.endswith(("k_scale", "v_scale")) for n in specs)
-    with atomic_dir(out, hint="it is not empty: remove it or choose another output directory") as tmp:
+    with atomic_dir(out, force, HINT, protect=(src,)) as tmp:
         files = write_tensors(tmp, specs, produce(), max_shard_bytes, desc=f"convert->{to}")
         copied = copy_side_files(src, tmp)
         _write_configs(src, tmp, to, has_kv, str(dtype).removeprefix("torch."))

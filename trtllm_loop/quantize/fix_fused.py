@@ -16,14 +16,17 @@ from trtllm_loop.checkpoint.safetensors_io import read_tensor
 from trtllm_loop.checkpoint.validate import ERROR, FIX_FUSED, fused_groups, validate
 from trtllm_loop.checkpoint.writer import WEIGHT_FILES, atomic_dir, copy_side_files, write_tensors
 from trtllm_loop.errors import UserError
+from trtllm_loop.fsutil import check_output
 
 
 def _value(info) -> torch.Tensor:
     return read_tensor(info).float().reshape(())
 
 
-def fix_fused_scales(src: str | Path, out: str | Path) -> dict:
+def fix_fused_scales(src: str | Path, out: str | Path, force: bool = False) -> dict:
     src = Path(src)
+    hint = "it is not empty: choose another output directory, or pass --force to replace an earlier output"
+    check_output(out, force, hint, protect=(src,))
     other = [f for f in validate(src) if f.level == ERROR and FIX_FUSED not in f.message]
     if other:
         raise UserError(f"{src}: --fix-fused-scales only repairs unequal fused global scales; fix these first:\n  "
@@ -64,7 +67,7 @@ def fix_fused_scales(src: str | Path, out: str | Path) -> dict:
         for n in specs:
             yield n, replace[n] if n in replace else read_tensor(index[n])
 
-    with atomic_dir(out, hint="it is not empty: remove it or choose another output directory") as tmp:
+    with atomic_dir(out, force, hint, protect=(src,)) as tmp:
         write_tensors(tmp, specs, produce(), desc="fix-fused-scales")
         copy_side_files(src, tmp)
         for f in WEIGHT_FILES - {"model.safetensors.index.json"}:

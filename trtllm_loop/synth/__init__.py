@@ -85,7 +85,7 @@ def synthesize(out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: 
     if tdt is None:
         raise UserError(f"--dtype {dtype!r} unknown; allowed: float32, bfloat16, float16")
     cfg = preset_config(preset, dtype)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, "choose a new directory or pass --force") as tmp:
         conf = cfg.to_dict()
         gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id),
                    "temperature": 0.6, "top_p": 0.85, "top_k": 20, "do_sample": True}
