@@ -12,7 +12,6 @@ A failure prints the seed, the case number and the mutation, so it replays exact
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
