@@ -30,8 +30,10 @@ class _Tensor:
 
 
 class _Error:
-    def __init__(self, msg):
-        self._msg = msg
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, msg, code="INTERNAL"):
+        self._msg, self.code = msg, code
 
     def message(self):
         return self._msg
@@ -69,7 +71,9 @@ def _pb_utils():
     m.Tensor, m.TritonError, m.InferenceResponse = _Tensor, _Error, _Response
     m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     m.get_input_tensor_by_name = lambda r, n: _Tensor(n, r.inputs[n]) if n in r.inputs else None
-    m.Logger = types.SimpleNamespace(log_info=lambda msg: None)
+    m.logged = []
+    m.Logger = types.SimpleNamespace(**{f"log_{k}": (lambda k: lambda msg: m.logged.append((k, msg)))(k)
+                                        for k in ("info", "warn", "error", "verbose")})
     return m
 
 

@@ -43,11 +43,42 @@ class RequestError(ValueError):
     """A bad request; the message names the input tensor and the fix. Sent back as the Triton error."""
 
 
-def error_text(exc: Exception, model: str) -> str:
-    """The error message a model answers a failed request with: ours verbatim, anything else labelled."""
+MAX_ERROR_CHARS = 500
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line, at most ``limit`` characters: what a client is ever shown of an error."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def error_text(exc: BaseException, model: str, log: Callable[[str], None] | None = None) -> str:
+    """The one-line error a model answers a failed request with: ours (:class:`RequestError`) verbatim, anything
+    else as ``model: internal error (Type: first line)`` -- never a traceback; the full trace goes to ``log``
+    (the server log) when given."""
     if isinstance(exc, RequestError):
-        return str(exc)
-    return f"{model}: bad request: {type(exc).__name__}: {exc}"
+        return one_line(str(exc))
+    if log is not None:
+        import traceback
+
+        try:
+            log(f"{model}: {''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))}")
+        except Exception:  # pragma: no cover - logging must never fail a request
+            pass
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return one_line(f"{model}: internal error ({type(exc).__name__}{': ' + first if first else ''}); "
+                    "the server log has the details")
+
+
+def error_response(pb_utils, exc: BaseException, model: str, log: Callable[[str], None] | None = None):
+    """A Triton error response for ``exc``: INVALID_ARG (HTTP 400) for a bad request, INTERNAL otherwise."""
+    te = pb_utils.TritonError
+    code = getattr(te, "INVALID_ARG" if isinstance(exc, RequestError) else "INTERNAL", None)
+    msg = error_text(exc, model, log)
+    try:
+        return pb_utils.InferenceResponse(error=te(msg) if code is None else te(msg, code))
+    except TypeError:  # pragma: no cover - a backend without error codes
+        return pb_utils.InferenceResponse(error=te(msg))
 
 
 # ----------------------------------------------------------------------------- tensor access
@@ -178,6 +209,36 @@ def from_word_list(arr, name: str = "stop/bad words list") -> list[list[int]]:
     return seqs
 
 
+def output_token_rows(tokens, lengths, vocab_size: int | None = None) -> list[list[list[int]]]:
+    """``postprocessing``'s ``TOKENS_BATCH`` ``[batch, beams, T]`` (or ``[batch, T]``) cut to ``SEQUENCE_LENGTH``:
+    ids per prompt per beam; ids outside the vocabulary are refused by name (never an OverflowError)."""
+    if tokens is None or lengths is None:
+        raise RequestError("TOKENS_BATCH and SEQUENCE_LENGTH are both required")
+    t, n = np.asarray(tokens), np.asarray(lengths)
+    if t.dtype.kind not in "iu" or n.dtype.kind not in "iu":
+        raise RequestError(f"TOKENS_BATCH and SEQUENCE_LENGTH must be INT32 tensors, got {t.dtype}, {n.dtype}")
+    if t.ndim == 2:  # [batch, tokens] without a beam axis
+        t = t[:, None, :]
+    if t.ndim != 3:
+        raise RequestError(f"TOKENS_BATCH must have shape [batch, beams, tokens], got {list(t.shape)}")
+    n = n.reshape(t.shape[0], -1) if n.size else np.zeros((t.shape[0], 0), np.int64)
+    out = []
+    for b in range(t.shape[0]):
+        beams = []
+        for beam in range(t.shape[1]):
+            k = int(n[b, beam]) if beam < n.shape[1] else t.shape[2]
+            if not 0 <= k <= t.shape[2]:
+                raise RequestError(f"SEQUENCE_LENGTH {k} is outside [0, {t.shape[2]}] (the tokens sent)")
+            ids = [int(x) for x in t[b, beam, :k]]
+            bad = next((x for x in ids if x < 0 or (vocab_size and x >= vocab_size)), None)
+            if bad is not None:
+                raise RequestError(f"TOKENS_BATCH contains {bad}, outside the vocabulary "
+                                   f"[0, {vocab_size or 'vocab_size'})")
+            beams.append(ids)
+        out.append(beams)
+    return out
+
+
 # ----------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class _Option:
@@ -269,6 +330,7 @@ class LLMRequest:
     returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true
     streaming: bool = False
     exclude_input: bool = False
+    asked_len: int = 0                  # request_output_len as sent (> output_len: cut to fit max_seq_len)
 
     def features(self) -> dict[str, str]:
         """The optional features this request turns on: input name -> how it was set."""
@@ -323,7 +385,8 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
     out_len = scalar(inp, "request_output_len", int)
     if out_len is None or out_len < 1:
         raise RequestError(f"request_output_len must be >= 1, got {out_len}: ask for at least one token")
-    if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise
+    asked = out_len
+    if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise (and warns: the models log it)
         out_len = min(out_len, max_seq_len - n)
     bias = tensor(inp, "embedding_bias", float)
     return LLMRequest(
@@ -334,7 +397,7 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
         embedding_bias=bias is not None and bias.size > 0,
         returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
         streaming=scalar(inp, "streaming", bool, False),
-        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude))
+        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude), asked_len=asked)
 
 
 # ----------------------------------------------------------------------------- client (text) requests
@@ -383,6 +446,9 @@ def chat_messages(text: str, apply_chat_template: bool, messages_json: str | Non
         except json.JSONDecodeError as e:
             raise RequestError(f"chat_messages is not valid JSON ({e.msg} at char {e.pos}): send a JSON list "
                                'like [{"role": "user", "content": "hi"}]') from None
+        except RecursionError:
+            raise RequestError('chat_messages is nested too deeply: send a flat JSON list of {"role": str, '
+                               '"content": str} objects') from None
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
@@ -401,8 +467,41 @@ def chat_messages(text: str, apply_chat_template: bool, messages_json: str | Non
     return messages
 
 
+def _nbytes(v) -> int:
+    if isinstance(v, np.ndarray):
+        v = v.item()
+    return len(v.encode("utf-8")) if isinstance(v, str) else len(bytes(v))
+
+
+def check_prompt_bytes(inp: Inputs, batch: int, max_prompt_bytes: int) -> None:
+    """Refuse a prompt over ``max_prompt_bytes`` (text_input + chat_messages + system_prompt, per prompt) before
+    anything decodes or tokenizes it: a huge prompt is cheap to refuse and costly to tokenize."""
+    if not max_prompt_bytes:
+        return
+    total = [0] * batch
+    for name in ("text_input", "chat_messages", "system_prompt"):
+        a = inp.get(name)
+        if a is None or a.dtype.kind not in "OSU" or a.size != batch:
+            continue  # the type/shape checks that follow name the problem
+        for b, v in enumerate(a.reshape(-1)):
+            total[b] += _nbytes(v)
+    worst = max(total, default=0)
+    if worst > max_prompt_bytes:
+        raise RequestError(f"the prompt is {worst} bytes (text_input + chat_messages + system_prompt); this server "
+                           f"accepts at most {max_prompt_bytes} bytes (max_prompt_bytes): shorten it")
+
+
+def check_context(prompt_tokens: int, max_tokens: int, max_seq_len: int) -> None:
+    """The prompt and the tokens asked for must fit the context: refused (not silently cut) when they do not."""
+    if max_seq_len and prompt_tokens + max_tokens > max_seq_len:
+        room = max_seq_len - prompt_tokens
+        raise RequestError(f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together over this "
+                           f"model's context of {max_seq_len} tokens (max_seq_len); ask for at most {room} tokens "
+                           "or shorten the prompt")
+
+
 def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude: bool = False,
-                        single: bool = False) -> list[TextRequest]:
+                        single: bool = False, max_prompt_bytes: int = 0) -> list[TextRequest]:
     """One :class:`TextRequest` per prompt of the batch (``single``: exactly one prompt)."""
     q = tensor(inp, "text_input", str)
     if q is None:
@@ -413,6 +512,7 @@ def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude
     if q.size != batch:
         raise RequestError(f"text_input must hold one string per prompt (shape [{batch}, 1]), "
                            f"got shape {list(q.shape)}")
+    check_prompt_bytes(inp, batch, max_prompt_bytes)
     texts = [decode_utf8(v, "text_input") for v in q.reshape(-1)]
     get = {name: scalars(inp, name, kind, batch) for name, kind in (
         ("max_tokens", int), ("apply_chat_template", bool), ("chat_messages", str), ("system_prompt", str),

@@ -42,12 +42,45 @@ def templates_dir() -> Path:
     return d
 
 
-def fill(text: str, values: dict, where: str) -> str:
+# template variables holding pbtxt / yaml blocks (pasted as they are); every other value is pbtxt-escaped
+RAW_VALUES = frozenset({"client_io", "tensorrt_llm_io", "llmapi_model_yaml"})
+_PARAM = re.compile(r'parameters:\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}')
+
+
+def pbtxt_escape(value, name: str = "value") -> str:
+    """``value`` as the inside of a protobuf text-format string: quotes, backslashes and control characters
+    escaped, so that a path like ``a" } parameters: {...`` stays one string value."""
+    from google.protobuf import text_encoding
+
+    s = str(value)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{name}={s!r}: not valid UTF-8 (Triton reads config.pbtxt as UTF-8): rename it") from None
+    return text_encoding.CEscape(s, as_utf8=True)
+
+
+def fill(text: str, values: dict, where: str, escape: bool = True) -> str:
     used = set(_VAR.findall(text))
     missing = sorted(used - set(values))
     if missing:
         raise UserError(f"{where}: template variables without a value: {', '.join(missing)}")
-    return string.Template(text).substitute({k: str(v) for k, v in values.items()})
+    return string.Template(text).substitute(
+        {k: str(v) if (k in RAW_VALUES or not escape) else pbtxt_escape(v, k) for k, v in values.items()})
+
+
+def check_parameters(template: str, cfg, values: dict, where: str) -> None:
+    """The rendered ``parameters`` are exactly the template's, each ``"${var}"`` parsed back to its value: a
+    pasted value can never add, drop or change a parameter."""
+    want = {}
+    for key, raw in _PARAM.findall(template):
+        m = _VAR.fullmatch(raw)
+        want[key] = str(values[m.group(1)]) if m else raw
+    got = {k: v.string_value for k, v in cfg.parameters.items()}
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise UserError(f"{where}: rendered parameters differ from the template's for {diff}: a value broke out of "
+                        "its string")
 
 
 def _tokenizer_ok(d: Path) -> bool:
@@ -77,6 +110,8 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                       cuda_graph_mode: bool = True, exclude_input_in_output: bool = False,
                       reference_dtype: str = "float32", torch_threads: int = 1, tensor_parallel_size: int = 1,
                       bls_max_concurrency: int = 64, kv_cache_dtype: str = "auto", host_cache_size: int = 0,
+                      decoupled: bool = True, max_prompt_bytes: int | None = None,
+                      bls_response_timeout_s: float = 300.0,
                       cuda_graph_batch_sizes: tuple[int, ...] = (), nvfp4_gemm_allowed_backends: tuple[str, ...] = (),
                       overwrite: bool = False) -> Path:
     if flavour not in FLAVOURS:
@@ -133,6 +168,10 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "torch_threads": torch_threads,
         "python_path": str(Path(trtllm_loop.__file__).resolve().parent.parent),
         "bls_max_concurrency": bls_max_concurrency,
+        "decoupled_mode": str(bool(decoupled)).lower(),
+        # a generous byte bound checked before tokenizing: 64 bytes per accepted prompt token, at least 64 KiB
+        "max_prompt_bytes": max_prompt_bytes or max(65536, 64 * (max_input_len or max_seq_len - 1)),
+        "bls_response_timeout_s": f"{float(bls_response_timeout_s):g}",
     }
     tpl = templates_dir()
     values["client_io"] = (tpl / "common" / "client_io.pbtxt").read_text()
@@ -154,7 +193,9 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
             d = tmp / name
             (d / "1").mkdir(parents=True)
             rel = config_tpl.relative_to(tpl)
-            (d / "config.pbtxt").write_text(fill(config_tpl.read_text(), values, str(rel)))
+            text = fill(config_tpl.read_text(), values, str(rel))
+            (d / "config.pbtxt").write_text(text)
+            check_parameters(config_tpl.read_text(), parse_config(d / "config.pbtxt"), values, str(rel))
             if src is not None:
                 shutil.copy2(src, d / "1" / "model.py")
                 shutil.copy2(TEXTPROC_SRC, d / "1" / "loop_text.py")
@@ -172,7 +213,8 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                 llm_args, model=llm_model, tensor_parallel_size=tensor_parallel_size,
                 triton_max_batch_size=max_batch_size).rstrip("\n")
             yaml_tpl = tpl / "llmapi/tensorrt_llm/model.yaml"
-            (tmp / "tensorrt_llm/1/model.yaml").write_text(fill(yaml_tpl.read_text(), values, "llmapi/model.yaml"))
+            (tmp / "tensorrt_llm/1/model.yaml").write_text(fill(yaml_tpl.read_text(), values, "llmapi/model.yaml",
+                                                                escape=False))
         (tmp / "README.txt").write_text(
             f"Triton model repository, flavour {flavour!r}, rendered by `trtllm-loop triton-repo`.\n"
             f"model: {model_dir}\ntokenizer: {tok_dir}\n" + (f"engine: {engine}\n" if engine else "") +

@@ -27,9 +27,10 @@ class TritonPythonModel:
     def _one(self, request):
         try:
             inp = rq.Inputs.of(request, pb_utils, rq.PREPROCESSING_NAMES)
-            rows = [self.pre.prepare(r) for r in rq.parse_text_requests(inp, max_output_len=self.pre.max_output_len)]
-        except Exception as e:  # this request fails alone
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(rq.error_text(e, "preprocessing")))
+            rows = [self.pre.prepare(r) for r in rq.parse_text_requests(
+                inp, max_output_len=self.pre.max_output_len, max_prompt_bytes=self.pre.max_prompt_bytes)]
+        except Exception as e:  # this request fails alone, with one line; the trace goes to the server log
+            return rq.error_response(pb_utils, e, "preprocessing", pb_utils.Logger.log_error)
         batch = len(rows)
         L = max(len(r["input_ids"]) for r in rows)
         ids = np.array([r["input_ids"] + [r["pad_id"]] * (L - len(r["input_ids"])) for r in rows], dtype=np.int32)

@@ -9,8 +9,16 @@
   are returned;
 * cancellation: a client that cancels its stream (``response_sender.is_cancelled()``), or a request with
   ``stop=true`` and the same request id (TRT-LLM's way; used by the BLS model);
-* bad requests get a Triton error naming the input; the engine keeps serving the others.
+* bad requests get a Triton error naming the input (INVALID_ARG, HTTP 400); the engine keeps serving the others;
+* a failure inside the engine (a step raising) fails only the request that caused it: the step's requests are
+  taken out of the runtime, each is re-run alone from its prompt plus the tokens it already has (greedy output
+  is unchanged; a seeded sampler restarts its generator), the one whose solo step fails gets the error (one line
+  to the client, the trace in the server log) and the others go on batched;
+* ``decoupled: false`` (``--decoupled false``): one response per request, ``streaming=true`` is refused;
+* a ``request_output_len`` over what fits in ``max_seq_len`` is cut like TRT-LLM does, with a warning in the
+  server log (the client-contract models refuse it instead: ``contract.check_context``).
 """
+import dataclasses
 import json
 import os
 import queue
@@ -36,11 +44,12 @@ UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "pres
 
 
 class _Active:
-    __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak")
+    __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak", "sp")
 
-    def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id):
+    def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id, sp=None):
         self.sender, self.streaming, self.exclude = sender, streaming, exclude
         self.prompt, self.end_id, self.triton_id = prompt, end_id, triton_id
+        self.sp = sp
         self.output: list[int] = []
         self.rid = None
         self.peak = 0  # largest in-flight batch this request was part of
@@ -56,20 +65,26 @@ def _ids_response(ids: list[int]):
     ])
 
 
-def _log(msg: str):
+def _log(msg: str, level: str = "log_info"):
     try:
-        pb_utils.Logger.log_info(msg)
+        getattr(pb_utils.Logger, level)(msg)
     except Exception:
         pass
 
 
-def _error(msg: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+def _log_error(msg: str):
+    _log(msg, "log_error")
+
+
+def _error(exc: BaseException):
+    return rq.error_response(pb_utils, exc, "tensorrt_llm", _log_error)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = lt.parameters(json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        params = lt.parameters(config)
+        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
         path = params.get("python_path")
         if path and path not in sys.path:
             try:
@@ -126,11 +141,18 @@ class TritonPythonModel:
                     continue
                 req = rq.parse_llm_request(inp, default_exclude=self.default_exclude, vocab_size=self.vocab,
                                            max_seq_len=self.max_seq_len)
+                if req.streaming and not self.decoupled:
+                    raise rq.RequestError("streaming=true needs the decoupled tensorrt_llm model: render the "
+                                          "repository with `trtllm-loop triton-repo --decoupled true`")
                 sp = self._sampling_params(req)
             except Exception as e:
-                sender.send(_error(rq.error_text(e, "tensorrt_llm")), flags=FINAL)
+                sender.send(_error(e), flags=FINAL)
                 continue
-            a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id())
+            if req.asked_len > req.output_len:
+                _log(f"tensorrt_llm: request {request.request_id()!r}: request_output_len {req.asked_len} cut to "
+                     f"{req.output_len} to fit max_seq_len {self.max_seq_len} with its {len(req.input_ids)} prompt "
+                     "tokens", "log_warn")
+            a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id(), sp)
             self.inbox.put(("add", a, sp))
         return None
 
@@ -152,15 +174,55 @@ class TritonPythonModel:
                         a.peak = max(a.peak, batch)
                 for o in outs:
                     self._emit(o)
-            except Exception as e:  # keep serving: fail the active requests, not the model
-                for a in list(self.active.values()):
-                    self._safe_send(a, _error(f"tensorrt_llm: engine error: {type(e).__name__}: {e}"), FINAL)
-                    try:
-                        self.rt.cancel(a.rid)
-                    except Exception:
-                        pass
-                self.active.clear()
+            except Exception as e:  # keep serving: find the request that fails, fail it alone
+                _log_error(rq.error_text(e, "tensorrt_llm: engine step failed", _log_error)
+                           + f"; isolating it among {len(self.active)} requests")
+                try:
+                    self._isolate()
+                except Exception as e2:  # pragma: no cover - last resort: fail the rest, keep the model
+                    for a in list(self.active.values()):
+                        self._safe_send(a, _error(e2), FINAL)
+                    self.active.clear()
+                    self._reset_runtime()
+
+    # ------------------------------------------------------------------ engine failures
+    def _continue(self, a):
+        """(Re-)add ``a`` to the runtime from its prompt plus the tokens it already has."""
+        left = a.sp.max_tokens - len(a.output)
+        a.rid = self.rt.add_request(a.prompt + a.output, dataclasses.replace(a.sp, max_tokens=left))
+        self.active[a.rid] = a
+
+    def _isolate(self):
+        """After a failed step: run each of its requests alone for one token; the ones that fail alone get the
+        error, the others are re-added together."""
+        suspects = list(self.active.values())
+        self.active.clear()
+        self._reset_runtime()
+        survivors = []
+        for a in suspects:
+            try:
+                self._continue(a)
+                for _ in range(len(a.prompt + a.output) // max(self.rt.max_num_tokens, 1) + 3):  # bounded
+                    before = len(a.output)
+                    for o in self.rt.step():
+                        self._emit(o)
+                    if a.rid not in self.active or len(a.output) > before:
+                        break
+            except Exception as e:
+                self.active.pop(a.rid, None)
+                self._safe_send(a, _error(e), FINAL)
+                _log_error(f"tensorrt_llm: request {a.triton_id!r} failed alone and was ended with the error")
                 self._reset_runtime()
+                continue
+            if a.rid in self.active:  # passed: out of the runtime until every suspect has run
+                self.active.pop(a.rid)
+                self._reset_runtime()
+                survivors.append(a)
+        for a in survivors:
+            try:
+                self._continue(a)
+            except Exception as e:
+                self._safe_send(a, _error(e), FINAL)
 
     def _reset_runtime(self):
         # drop whatever the failed step left behind
@@ -184,13 +246,16 @@ class TritonPythonModel:
                     a.rid = self.rt.add_request(a.prompt, sp)
                     self.active[a.rid] = a
                 except ValueError as e:
-                    self._safe_send(a, _error(f"tensorrt_llm: {e}"), FINAL)
+                    self._safe_send(a, _error(rq.RequestError(f"tensorrt_llm: {e}")), FINAL)
             elif item[0] == "stop":
                 _, triton_id, sender = item
                 for a in list(self.active.values()):
                     if triton_id and a.triton_id == triton_id:
                         self.rt.cancel(a.rid)
-                sender.send(flags=FINAL)
+                try:  # a non-decoupled model must send a response with its final flag
+                    sender.send(None if self.decoupled else _ids_response([]), flags=FINAL)
+                except Exception:
+                    pass
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
