@@ -314,6 +314,8 @@ def _show(v):
 
 # ----------------------------------------------------------------------------- tensorrt_llm requests
 RETURN_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
+# token counts every flavour can return (upstream: return_num_input_tokens -> num_input_tokens, ...)
+COUNT_FLAGS = ("return_num_input_tokens", "return_num_output_tokens")
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,7 @@ class LLMRequest:
     streaming: bool = False
     exclude_input: bool = False
     asked_len: int = 0                  # request_output_len as sent (> output_len: cut to fit max_seq_len)
+    counts: tuple[str, ...] = ()        # the COUNT_FLAGS set true (num_input_tokens / num_output_tokens outputs)
 
     def features(self) -> dict[str, str]:
         """The optional features this request turns on: input name -> how it was set."""
@@ -397,7 +400,8 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
         embedding_bias=bias is not None and bias.size > 0,
         returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
         streaming=scalar(inp, "streaming", bool, False),
-        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude), asked_len=asked)
+        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude), asked_len=asked,
+        counts=tuple(c for c in COUNT_FLAGS if scalar(inp, c, bool, False)))
 
 
 # ----------------------------------------------------------------------------- client (text) requests
@@ -422,6 +426,7 @@ class TextRequest:
     return_log_probs: bool | None = None
     stream: bool = False
     exclude_input: bool = False
+    counts: tuple[str, ...] = ()        # the COUNT_FLAGS set true
 
 
 def check_max_tokens(max_tokens: int | None, max_output_len: int = 0) -> int:
@@ -517,7 +522,7 @@ def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude
     get = {name: scalars(inp, name, kind, batch) for name, kind in (
         ("max_tokens", int), ("apply_chat_template", bool), ("chat_messages", str), ("system_prompt", str),
         ("end_id", int), ("pad_id", int), ("return_log_probs", bool), ("stream", bool),
-        ("exclude_input_in_output", bool))}
+        ("exclude_input_in_output", bool), *((c, bool) for c in COUNT_FLAGS))}
     stops, bads = rows(inp, "stop_words", str, batch), rows(inp, "bad_words", str, batch)
     sampling = Sampling.parse(inp, batch, llm=False)
     out = []
@@ -528,7 +533,7 @@ def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude
             chat=chat_messages(texts[b], bool(v["apply_chat_template"]), v["chat_messages"], v["system_prompt"]),
             stop_words=string_list(stops[b], "stop_words"), bad_words=string_list(bads[b], "bad_words"),
             end_id=v["end_id"], pad_id=v["pad_id"], sampling=sampling[b], return_log_probs=v["return_log_probs"],
-            stream=bool(v["stream"]),
+            stream=bool(v["stream"]), counts=tuple(c for c in COUNT_FLAGS if v[c]),
             exclude_input=default_exclude if v["exclude_input_in_output"] is None else v["exclude_input_in_output"]))
     return out
 

@@ -36,9 +36,10 @@ _END = object()
 CANCEL_CHECK_S = 0.05
 
 
-def _text(s: str):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("text_output", np.array([[s.encode("utf-8")]], dtype=object))])
+def _text(s: str, counts: dict | None = None):
+    out = [pb_utils.Tensor("text_output", np.array([[s.encode("utf-8")]], dtype=object))]
+    out += [pb_utils.Tensor(k, np.array([[v]], dtype=np.int32)) for k, v in (counts or {}).items()]
+    return pb_utils.InferenceResponse(output_tensors=out)
 
 
 def _log_error(msg: str):
@@ -94,7 +95,7 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ request -> job
     def _prepare(self, req):
         job = self.pre.prepare(req)
-        job["stream"], job["exclude"] = req.stream, req.exclude_input
+        job["stream"], job["exclude"], job["counts"] = req.stream, req.exclude_input, req.counts
         job["passthrough"] = req.sampling.llm_tensors()
         if req.return_log_probs is not None:
             job["passthrough"]["return_log_probs"] = np.array([[req.return_log_probs]], dtype=np.bool_)
@@ -196,6 +197,7 @@ class TritonPythonModel:
         if not job["exclude"] and not job["stream"]:  # upstream never echoes the prompt when streaming
             emit(detok.push(job["input_ids"]))
         cancelled = False
+        generated = 0
         last_check = time.monotonic()
         q = self._pump(self._llm_request(job, request_id))
         while True:
@@ -211,6 +213,7 @@ class TritonPythonModel:
                 n = pb_utils.get_output_tensor_by_name(resp, "sequence_length")
                 if n is not None:
                     ids = ids[:int(np.asarray(n.as_numpy()).reshape(-1)[0])]
+                generated += len(ids)
                 emit(matcher.feed(detok.push(ids)))
             client_gone = False
             if self.decoupled and time.monotonic() - last_check > CANCEL_CHECK_S:  # an IPC round trip: poll
@@ -228,10 +231,15 @@ class TritonPythonModel:
         if self.decoupled and sender.is_cancelled():
             sender.send(flags=FINAL)
             return
-        if job["stream"]:
+        counts = {}
+        if "return_num_input_tokens" in job["counts"]:
+            counts["num_input_tokens"] = len(job["input_ids"])
+        if "return_num_output_tokens" in job["counts"]:
+            counts["num_output_tokens"] = generated
+        if job["stream"] and not counts:
             sender.send(flags=FINAL)
-        else:
-            sender.send(_text("".join(pieces)), flags=FINAL)
+        else:  # streaming: the counts ride on the final response, with no more text
+            sender.send(_text("" if job["stream"] else "".join(pieces), counts), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

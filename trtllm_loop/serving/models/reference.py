@@ -44,25 +44,31 @@ UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "pres
 
 
 class _Active:
-    __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak", "sp")
+    __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak", "sp",
+                 "counts")
 
     def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id, sp=None):
         self.sender, self.streaming, self.exclude = sender, streaming, exclude
         self.prompt, self.end_id, self.triton_id = prompt, end_id, triton_id
         self.sp = sp
+        self.counts = ()
         self.output: list[int] = []
         self.rid = None
         self.peak = 0  # largest in-flight batch this request was part of
 
 
-def _ids_response(ids: list[int]):
+def _ids_response(ids: list[int], a=None):
     arr = np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids))
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", arr),
-        pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-        pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
-        pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32)),
-    ])
+    out = [pb_utils.Tensor("output_ids", arr),
+           pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+           pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
+           pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32))]
+    counts = a.counts if a is not None else ()
+    if "return_num_input_tokens" in counts:
+        out.append(pb_utils.Tensor("num_input_tokens", np.array([[len(a.prompt)]], dtype=np.int32)))
+    if "return_num_output_tokens" in counts:  # generated so far
+        out.append(pb_utils.Tensor("num_output_tokens", np.array([[len(a.output)]], dtype=np.int32)))
+    return pb_utils.InferenceResponse(output_tensors=out)
 
 
 def _log(msg: str, level: str = "log_info"):
@@ -153,6 +159,7 @@ class TritonPythonModel:
                      f"{req.output_len} to fit max_seq_len {self.max_seq_len} with its {len(req.input_ids)} prompt "
                      "tokens", "log_warn")
             a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id(), sp)
+            a.counts = req.counts
             self.inbox.put(("add", a, sp))
         return None
 
@@ -295,15 +302,15 @@ class TritonPythonModel:
         a.output += new
         if a.streaming:
             if new and not o.finished:
-                self._safe_send(a, _ids_response(new))
+                self._safe_send(a, _ids_response(new, a))
             elif o.finished:
-                if new:
-                    self._safe_send(a, _ids_response(new), FINAL)
+                if new or a.counts:
+                    self._safe_send(a, _ids_response(new, a), FINAL)
                 else:
                     self._safe_send(a, None, FINAL)
         elif o.finished:
             ids = a.output if a.exclude else a.prompt + a.output
-            self._safe_send(a, _ids_response(ids), FINAL)
+            self._safe_send(a, _ids_response(ids, a), FINAL)
         if o.finished:
             self.active.pop(o.request_id, None)
             _log(f"tensorrt_llm: request {a.triton_id or o.request_id!r} finished ({o.finish_reason}) after "
