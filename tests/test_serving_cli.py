@@ -62,6 +62,9 @@ def test_triton_demo(tmp_path):
     assert run_triton_demo(tmp_path, max_tokens=12, out=buf) == 0
     text = buf.getvalue()
     assert "[3/4] tritonserver" in text and "assistant> " in text
+    assert "OpenAI-compatible API http://127.0.0.1:" in text and "/v1/chat/completions" in text
+    reply = text.split("assistant> ", 1)[1].split("\n(", 1)[0]
+    assert reply, "the chat through the OpenAI endpoint streamed nothing"
     assert "tritonserver stopped (exit code 0)" in text
     assert (tmp_path / "tiny" / "tokenizer.model").is_file()
 

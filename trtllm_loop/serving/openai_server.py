@@ -21,8 +21,6 @@ streaming), so it serves the ``reference``, ``llmapi`` and ``tensorrtllm`` flavo
 Not supported (refused with 400, naming the field): ``n`` > 1, ``echo``, ``logprobs``, ``tools`` /
 ``tool_choice`` / ``response_format`` (no grammar backend), ``suffix``, ``best_of`` > 1, non-text message parts.
 """
-from __future__ import annotations
-
 import asyncio
 import json
 import math
@@ -178,8 +176,17 @@ def create_app(grpc_url: str, *, default_max_tokens: int = 16, models=MODELS):
     from fastapi.responses import JSONResponse, StreamingResponse
     import tritonclient.grpc.aio as grpcaio
 
-    app = FastAPI(title="trtllm-loop OpenAI-compatible API", docs_url=None, redoc_url=None)
+    import contextlib
+
     state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if "client" in state:
+            await state["client"].close()
+
+    app = FastAPI(title="trtllm-loop OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     def client():
         if "client" not in state:
@@ -302,11 +309,6 @@ def create_app(grpc_url: str, *, default_max_tokens: int = 16, models=MODELS):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await run(request, chat=True)
-
-    @app.on_event("shutdown")
-    async def _close():
-        if "client" in state:
-            await state["client"].close()
 
     return app
 
