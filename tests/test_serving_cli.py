@@ -26,9 +26,10 @@ def test_serve_cli_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
 
     ckpt = synthesize(tmp_path / "tiny", "tiny", dtype="float32")
     repo = render_repository("reference", ckpt, tmp_path / "repo", max_seq_len=256)
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics, oai = free_port(), free_port(), free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "trtllm_loop.cli", "serve", str(repo), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log",
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(oai),
+                             "--log",
                              str(tmp_path / "server.log")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
@@ -45,6 +46,11 @@ def test_serve_cli_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
         assert "Ctrl-C to stop" in out, out
         assert f"http://127.0.0.1:{http}" in out and f"127.0.0.1:{grpc}" in out
         assert grpc_generate(f"127.0.0.1:{grpc}", "tensorrt_llm_bls", request_fields("hi", 4), stream=True)
+        assert f"OpenAI  http://127.0.0.1:{oai}/v1" in out
+        from trtllm_loop.serving.openai_server import chat_stream
+
+        assert "".join(chat_stream(f"http://127.0.0.1:{oai}/v1", [{"role": "user", "content": "hi"}], 4)) == \
+            grpc_generate(f"127.0.0.1:{grpc}", "tensorrt_llm_bls", request_fields("hi", 4, chat=True), stream=True)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
     finally:

@@ -313,7 +313,50 @@ def _show(v):
 
 
 # ----------------------------------------------------------------------------- tensorrt_llm requests
-RETURN_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
+RETURN_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics")
+# tensorrt_llm inputs no Python flavour implements (the C++ backend does): refused by every LLMRequest.reject(),
+# each with why and what to do
+NOT_IN_PYTHON = {
+    "prompt_embedding_table": "prompt tables (p-tuning) are not supported by this model: use the tensorrtllm flavour",
+    "prompt_vocab_size": "prompt tables (p-tuning) are not supported by this model: use the tensorrtllm flavour",
+    "prompt_table_extra_ids": "prompt tables (p-tuning) are not supported by this model: use the tensorrtllm flavour",
+    "lora_task_id": "LoRA adapters are not supported by this model: leave lora_* unset",
+    "lora_weights": "LoRA adapters are not supported by this model: leave lora_* unset",
+    "lora_config": "LoRA adapters are not supported by this model: leave lora_* unset",
+    "guided_decoding_guide_type": "guided decoding needs a grammar backend (xgrammar), which this model does not "
+                                  "have: leave guided_decoding_* unset",
+    "guided_decoding_guide": "guided decoding needs a grammar backend (xgrammar), which this model does not have: "
+                             "leave guided_decoding_* unset",
+}
+# client-contract inputs forwarded to tensorrt_llm as they are (client name -> tensorrt_llm name)
+FORWARDED = {"prompt_embedding_table": "prompt_embedding_table", "prompt_vocab_size": "prompt_vocab_size",
+             "prompt_table_extra_id": "prompt_table_extra_ids", "lora_task_id": "lora_task_id",
+             "lora_weights": "lora_weights", "lora_config": "lora_config",
+             "guided_decoding_guide_type": "guided_decoding_guide_type",
+             "guided_decoding_guide": "guided_decoding_guide"}
+# upstream BLS inputs for models and features the Loop model does not have: refused when set
+REFUSED_TEXT_INPUTS = {
+    "decoder_text_input": "decoder_text_input is for encoder-decoder models; the Loop model is decoder-only: "
+                          "leave it unset",
+    "image_input": "the Loop model is text-only: leave image_input unset",
+    "image_bytes_input": "the Loop model is text-only: leave image_bytes_input unset",
+    "image_url_input": "the Loop model is text-only: leave image_url_input unset",
+    "image_sizes_input": "the Loop model is text-only: leave image_sizes_input unset",
+    "video_bytes_input": "the Loop model is text-only: leave video_bytes_input unset",
+    "num_draft_tokens": "speculative decoding with a draft model is not configured: leave num_draft_tokens unset "
+                        "or 0",
+    "use_draft_logits": "speculative decoding with a draft model is not configured: leave use_draft_logits unset "
+                        "or false",
+}
+
+
+def _is_set(a) -> bool:
+    """An optional input counts as set when it holds something other than empties / zeros / false."""
+    if a is None or a.size == 0:
+        return False
+    if a.dtype.kind in "OSU":
+        return any(_nbytes(v) for v in a.reshape(-1))
+    return bool(np.any(a != 0))
 # token counts every flavour can return (upstream: return_num_input_tokens -> num_input_tokens, ...)
 COUNT_FLAGS = ("return_num_input_tokens", "return_num_output_tokens")
 
@@ -334,6 +377,7 @@ class LLMRequest:
     exclude_input: bool = False
     asked_len: int = 0                  # request_output_len as sent (> output_len: cut to fit max_seq_len)
     counts: tuple[str, ...] = ()        # the COUNT_FLAGS set true (num_input_tokens / num_output_tokens outputs)
+    python_unsupported: tuple[str, ...] = ()  # the NOT_IN_PYTHON inputs that were set
 
     def features(self) -> dict[str, str]:
         """The optional features this request turns on: input name -> how it was set."""
@@ -344,11 +388,15 @@ class LLMRequest:
             out["bad_words_list"] = "bad_words_list"
         if self.embedding_bias:
             out["embedding_bias"] = "embedding_bias"
+        out.update({k: k for k in self.python_unsupported})
         return out
 
     def reject(self, unsupported, who: str) -> None:
-        """Refuse a request that turns on one of the ``unsupported`` inputs, naming it."""
+        """Refuse a request that turns on one of the ``unsupported`` inputs (or of :data:`NOT_IN_PYTHON`, which
+        no Python model implements), naming it."""
         on = self.features()
+        for name in self.python_unsupported:
+            raise RequestError(f"{name} is set: {NOT_IN_PYTHON[name]} ({who})")
         for name in unsupported:
             if name in on:
                 off = next((o.off[0] for o in SAMPLING if o.llm == name and o.off), None)
@@ -401,7 +449,8 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
         returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
         streaming=scalar(inp, "streaming", bool, False),
         exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude), asked_len=asked,
-        counts=tuple(c for c in COUNT_FLAGS if scalar(inp, c, bool, False)))
+        counts=tuple(c for c in COUNT_FLAGS if scalar(inp, c, bool, False)),
+        python_unsupported=tuple(n for n in NOT_IN_PYTHON if _is_set(inp.get(n))))
 
 
 # ----------------------------------------------------------------------------- client (text) requests
@@ -409,7 +458,10 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
 PREPROCESSING_NAMES = {"text_input": "QUERY", "max_tokens": "REQUEST_OUTPUT_LEN",
                        "apply_chat_template": "APPLY_CHAT_TEMPLATE", "chat_messages": "CHAT_MESSAGES",
                        "system_prompt": "SYSTEM_PROMPT", "stop_words": "STOP_WORDS_DICT",
-                       "bad_words": "BAD_WORDS_DICT", "end_id": "END_ID", "pad_id": "PAD_ID"}
+                       "bad_words": "BAD_WORDS_DICT", "end_id": "END_ID", "pad_id": "PAD_ID",
+                       "decoder_text_input": "DECODER_QUERY", "embedding_bias_words": "EMBEDDING_BIAS_WORDS",
+                       "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS",
+                       "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID"}
 
 
 @dataclass(frozen=True)
@@ -427,6 +479,9 @@ class TextRequest:
     stream: bool = False
     exclude_input: bool = False
     counts: tuple[str, ...] = ()        # the COUNT_FLAGS set true
+    returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true (return_log_probs included)
+    embedding_bias: tuple = ()          # ((word, weight), ...)
+    forwarded: dict = field(default_factory=dict)  # tensorrt_llm name -> array, the FORWARDED inputs that were set
 
 
 def check_max_tokens(max_tokens: int | None, max_output_len: int = 0) -> int:
@@ -523,12 +578,35 @@ def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude
         ("max_tokens", int), ("apply_chat_template", bool), ("chat_messages", str), ("system_prompt", str),
         ("end_id", int), ("pad_id", int), ("return_log_probs", bool), ("stream", bool),
         ("exclude_input_in_output", bool), *((c, bool) for c in COUNT_FLAGS))}
+    for name, why in REFUSED_TEXT_INPUTS.items():
+        if _is_set(inp.get(name)):
+            raise RequestError(why)
     stops, bads = rows(inp, "stop_words", str, batch), rows(inp, "bad_words", str, batch)
+    bias_words = rows(inp, "embedding_bias_words", str, batch)
+    bias_weights = rows(inp, "embedding_bias_weights", float, batch)
+    flags = {r: scalars(inp, r, bool, batch) for r in RETURN_FLAGS}
+    forwarded = {}
+    for name, llm_name in FORWARDED.items():
+        a = inp.get(name)
+        if _is_set(a):
+            if batch != 1:
+                raise RequestError(f"{name} with a batch of {batch} prompts: send one prompt per request")
+            forwarded[llm_name] = a
     sampling = Sampling.parse(inp, batch, llm=False)
     out = []
     for b in range(batch):
         v = {k: vals[b] for k, vals in get.items()}
+        words = string_list(bias_words[b], "embedding_bias_words")
+        weights = [] if bias_weights[b] is None else [float(x) for x in np.asarray(bias_weights[b]).reshape(-1)]
+        if len(words) != len(weights):
+            raise RequestError(f"embedding_bias_words has {len(words)} words but embedding_bias_weights has "
+                               f"{len(weights)} weights: send one weight per word")
+        bad = next((w for w in weights if not math.isfinite(w)), None)
+        if bad is not None:
+            raise RequestError(f"embedding_bias_weights must be finite numbers, got {_show(bad)}")
         out.append(TextRequest(
+            returns=tuple(r for r in RETURN_FLAGS if flags[r][b]), embedding_bias=tuple(zip(words, weights)),
+            forwarded=forwarded,
             text=texts[b], max_tokens=check_max_tokens(v["max_tokens"], max_output_len),
             chat=chat_messages(texts[b], bool(v["apply_chat_template"]), v["chat_messages"], v["system_prompt"]),
             stop_words=string_list(stops[b], "stop_words"), bad_words=string_list(bads[b], "bad_words"),

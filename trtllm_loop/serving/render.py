@@ -43,7 +43,16 @@ def templates_dir() -> Path:
 
 
 # template variables holding pbtxt / yaml blocks (pasted as they are); every other value is pbtxt-escaped
-RAW_VALUES = frozenset({"client_io", "tensorrt_llm_io", "llmapi_model_yaml"})
+RAW_VALUES = frozenset({"client_io", "bls_client_io", "client_io_extra", "tensorrt_llm_io", "llmapi_model_yaml"})
+# upstream's BLS takes a few inputs its ensemble does not (tensorrt_llm_bls/config.pbtxt): declared, refused when set
+BLS_EXTRA_IO = """,
+  { name: "image_input" data_type: TYPE_FP16 dims: [ -1, 3, -1, -1 ] optional: true },
+  { name: "image_bytes_input" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] optional: true },
+  { name: "image_url_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "image_sizes_input" data_type: TYPE_INT64 dims: [ -1, 2 ] optional: true },
+  { name: "video_bytes_input" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] optional: true },
+  { name: "num_draft_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "use_draft_logits" data_type: TYPE_BOOL dims: [ 1 ] optional: true }"""
 _PARAM = re.compile(r'parameters:\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}')
 
 
@@ -174,7 +183,9 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "bls_response_timeout_s": f"{float(bls_response_timeout_s):g}",
     }
     tpl = templates_dir()
-    values["client_io"] = (tpl / "common" / "client_io.pbtxt").read_text()
+    client_io = (tpl / "common" / "client_io.pbtxt").read_text()
+    values["client_io"] = fill(client_io, {**values, "client_io_extra": ""}, "common/client_io.pbtxt")
+    values["bls_client_io"] = fill(client_io, {**values, "client_io_extra": BLS_EXTRA_IO}, "common/client_io.pbtxt")
     values["tensorrt_llm_io"] = fill((tpl / "common" / "tensorrt_llm_io.pbtxt").read_text(), values,
                                      "common/tensorrt_llm_io.pbtxt")
 
@@ -301,6 +312,6 @@ def validate_repository(repo: str | Path) -> dict:
         if a in configs and b in configs:
             ia = {(t.name, t.data_type, tuple(t.dims)) for t in configs[a].input}
             ib = {(t.name, t.data_type, tuple(t.dims)) for t in configs[b].input}
-            if ia != ib:
-                raise UserError(f"{repo}: {a} and {b} inputs differ: {sorted(ia ^ ib)}")
+            if not ia <= ib:
+                raise UserError(f"{repo}: {b} lacks inputs of {a}: {sorted(ia - ib)}")
     return configs

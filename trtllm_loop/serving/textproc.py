@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+
 try:
     import loop_contract as contract  # rendered repository: 1/loop_contract.py
 except ImportError:  # pragma: no cover - running from the source tree
@@ -205,7 +207,14 @@ class Preprocessor:
         stop_seqs = [s for s in (encode(self.tok, w) for w in req.stop_words) if s]
         stop_seqs += [[e] for e in self.eos if e != end]
         bad_seqs = [s for s in (encode(self.tok, w) for w in req.bad_words) if s]
+        bias = None
+        if req.embedding_bias:  # upstream's rule (preprocessing/1/model.py _get_embedding_bias): each token id of
+            bias = np.zeros(len(self.tok), dtype=np.float32)  # each word gets the word's weight added
+            for word, weight in req.embedding_bias:
+                for t in encode(self.tok, word):
+                    bias[t] += weight
         return {"input_ids": ids, "prompt": prompt, "max_tokens": req.max_tokens, "end_id": end,
+                "embedding_bias": bias,
                 "pad_id": self.pad_id if req.pad_id is None else req.pad_id,
                 "stop_words_list": contract.to_word_list(stop_seqs),
                 "bad_words_list": contract.to_word_list(bad_seqs), "stop_words": list(req.stop_words)}

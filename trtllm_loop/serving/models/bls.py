@@ -36,10 +36,11 @@ _END = object()
 CANCEL_CHECK_S = 0.05
 
 
-def _text(s: str, counts: dict | None = None):
-    out = [pb_utils.Tensor("text_output", np.array([[s.encode("utf-8")]], dtype=object))]
+def _text(s: str, counts: dict | None = None, extra: list | None = None):
+    # shape [1] like upstream's BLS: its clients read text_output[0] as bytes
+    out = [pb_utils.Tensor("text_output", np.array([s.encode("utf-8")], dtype=object))]
     out += [pb_utils.Tensor(k, np.array([[v]], dtype=np.int32)) for k, v in (counts or {}).items()]
-    return pb_utils.InferenceResponse(output_tensors=out)
+    return pb_utils.InferenceResponse(output_tensors=out + (extra or []))
 
 
 def _log_error(msg: str):
@@ -51,6 +52,57 @@ def _log_error(msg: str):
 
 class _Timeout(Exception):
     pass
+
+
+PERF = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
+        "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
+        "total_accepted_draft_tokens", "total_draft_tokens")
+RETURNED = {"return_log_probs": ("cum_log_probs", "output_log_probs"), "return_context_logits": ("context_logits",),
+            "return_generation_logits": ("generation_logits",), "return_perf_metrics": PERF}
+
+
+def _returned_names(returns) -> list:
+    return [n for r in returns for n in RETURNED[r]]
+
+
+class _Extras:
+    """tensorrt_llm's extra outputs across the responses of one request: log probs and generation logits
+    accumulate, the rest is the latest."""
+
+    def __init__(self, returns):
+        self.names = _returned_names(returns)
+        self.latest: dict = {}
+        self.lp: list = []
+        self.gen: list = []
+
+    def add(self, resp):
+        for n in self.names:
+            t = pb_utils.get_output_tensor_by_name(resp, n)
+            if t is None:
+                continue
+            a = t.as_numpy()
+            if n == "output_log_probs":
+                self.lp.append(a.reshape(-1))
+            elif n == "generation_logits":
+                if a.size:
+                    self.gen.append(a.reshape(-1, a.shape[-1]))
+            elif n != "context_logits" or n not in self.latest:
+                self.latest[n] = a
+
+    def tensors(self, final: bool) -> list:
+        """Outputs for a response: perf metrics always, the rest on the final response only."""
+        out = [pb_utils.Tensor(n, self.latest[n]) for n in PERF if n in self.latest]
+        if not final:
+            return out
+        for n in ("cum_log_probs", "context_logits"):
+            if n in self.latest:
+                out.append(pb_utils.Tensor(n, self.latest[n]))
+        if "output_log_probs" in self.names:
+            lp = np.concatenate(self.lp) if self.lp else np.zeros(0, np.float32)
+            out.append(pb_utils.Tensor("output_log_probs", lp.astype(np.float32).reshape(1, 1, -1)))
+        if "generation_logits" in self.names and self.gen:
+            out.append(pb_utils.Tensor("generation_logits", np.concatenate(self.gen)[None, None].astype(np.float32)))
+        return out
 
 
 class TritonPythonModel:
@@ -97,8 +149,12 @@ class TritonPythonModel:
         job = self.pre.prepare(req)
         job["stream"], job["exclude"], job["counts"] = req.stream, req.exclude_input, req.counts
         job["passthrough"] = req.sampling.llm_tensors()
-        if req.return_log_probs is not None:
-            job["passthrough"]["return_log_probs"] = np.array([[req.return_log_probs]], dtype=np.bool_)
+        job["returns"] = req.returns
+        for flag in req.returns:
+            job["passthrough"][flag] = np.array([[True]], dtype=np.bool_)
+        job["passthrough"].update(req.forwarded)  # LoRA, prompt tables, guided decoding: tensorrt_llm decides
+        if job["embedding_bias"] is not None:
+            job["passthrough"]["embedding_bias"] = job["embedding_bias"][None]
         return job
 
     def _llm_request(self, job, request_id):
@@ -117,7 +173,8 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("bad_words_list", job["bad_words_list"][None]))
         tensors += [pb_utils.Tensor(name, arr) for name, arr in job["passthrough"].items()]
         return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=request_id,
-                                         requested_output_names=["output_ids", "sequence_length"])
+                                         requested_output_names=["output_ids", "sequence_length",
+                                                                 *_returned_names(job["returns"])])
 
     def _pump(self, request):
         """Run a BLS call on its own thread; its responses (then ``_END``) arrive on the returned queue."""
@@ -185,12 +242,13 @@ class TritonPythonModel:
         detok = lt.IncrementalDetokenizer(self.tok, skip_special_tokens=self.skip_special)
         matcher = lt.StopStringMatcher(job["stop_words"])
         pieces: list[str] = []
+        extras = _Extras(job["returns"])
 
         def emit(s: str):
             if not s:
                 return
             if job["stream"]:
-                sender.send(_text(s))
+                sender.send(_text(s, extra=extras.tensors(final=False)))
             else:
                 pieces.append(s)
 
@@ -214,6 +272,7 @@ class TritonPythonModel:
                 if n is not None:
                     ids = ids[:int(np.asarray(n.as_numpy()).reshape(-1)[0])]
                 generated += len(ids)
+                extras.add(resp)
                 emit(matcher.feed(detok.push(ids)))
             client_gone = False
             if self.decoupled and time.monotonic() - last_check > CANCEL_CHECK_S:  # an IPC round trip: poll
@@ -236,10 +295,11 @@ class TritonPythonModel:
             counts["num_input_tokens"] = len(job["input_ids"])
         if "return_num_output_tokens" in job["counts"]:
             counts["num_output_tokens"] = generated
-        if job["stream"] and not counts:
+        if job["stream"] and not counts and not job["returns"]:
             sender.send(flags=FINAL)
-        else:  # streaming: the counts ride on the final response, with no more text
-            sender.send(_text("" if job["stream"] else "".join(pieces), counts), flags=FINAL)
+        else:  # streaming: the counts and returned outputs ride on the final response, with no more text
+            sender.send(_text("" if job["stream"] else "".join(pieces), counts, extras.tensors(final=True)),
+                        flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -34,4 +34,5 @@ class TritonPythonModel:
                     out[b, beam] = self.text(ids).encode("utf-8")
         except Exception as e:  # this request fails alone, with one line; the trace goes to the server log
             return rq.error_response(pb_utils, e, "postprocessing", pb_utils.Logger.log_error)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)])
+        # one string per sequence, flattened as upstream's postprocessing does (its clients read output[0] as bytes)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out.reshape(-1))])

@@ -43,7 +43,20 @@ class TritonPythonModel:
             return out
 
         col = lambda key: np.array([[r[key]] for r in rows], dtype=np.int32)  # noqa: E731
-        return pb_utils.InferenceResponse(output_tensors=[
+        biases = [r["embedding_bias"] for r in rows]
+        if any(b is not None for b in biases):
+            n = len(self.tok)
+            bias = np.stack([np.zeros(n, np.float32) if b is None else b for b in biases])
+        else:  # no bias: an empty row per prompt, as upstream sends
+            bias = np.zeros((batch, 0), np.float32)
+        extra = []
+        pt = inp.get("prompt_table_extra_id")
+        if pt is not None and pt.size:  # upstream: the extra id on every prompt-table token (id >= vocab), else 0
+            pt = np.asarray(pt, dtype=np.uint64).reshape(batch, -1)[:, :1]
+            extra = [pb_utils.Tensor("OUT_PROMPT_TABLE_EXTRA_IDS",
+                                     np.where(ids >= len(self.tok), pt, 0).astype(np.uint64))]
+        return pb_utils.InferenceResponse(output_tensors=extra + [
+            pb_utils.Tensor("EMBEDDING_BIAS", bias),
             pb_utils.Tensor("INPUT_ID", ids),
             pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(r["input_ids"])] for r in rows], dtype=np.int32)),
             pb_utils.Tensor("REQUEST_OUTPUT_LEN", col("max_tokens")),

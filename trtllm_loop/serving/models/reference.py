@@ -39,19 +39,28 @@ except ImportError:  # pragma: no cover - running from the source tree
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05
 # tensorrt_llm inputs the paged runtime has no counterpart for (rq.LLMRequest.features names)
+# (log probs, context / generation logits, perf metrics and token counts it returns: rq.RETURN_FLAGS, COUNT_FLAGS)
 UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "min_tokens", *rq.RETURN_FLAGS, "embedding_bias", "bad_words_list")
+               "min_tokens", "embedding_bias", "bad_words_list")
+LOGIT_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
 
 class _Active:
     __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak", "sp",
-                 "counts")
+                 "counts", "returns", "rows", "skip_rows", "logprobs", "sent_rows", "sent_lp", "times", "blocks")
 
     def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id, sp=None):
         self.sender, self.streaming, self.exclude = sender, streaming, exclude
         self.prompt, self.end_id, self.triton_id = prompt, end_id, triton_id
         self.sp = sp
         self.counts = ()
+        self.returns = ()
+        self.rows: list = []       # logits rows of every position so far (when logits or log probs are asked for)
+        self.skip_rows = 0         # rows a continuation recomputes that we already have
+        self.logprobs: list[float] = []
+        self.sent_rows = self.sent_lp = 0
+        self.times = {"arrival_time_ns": time.time_ns()}
+        self.blocks = 0
         self.output: list[int] = []
         self.rid = None
         self.peak = 0  # largest in-flight batch this request was part of
@@ -64,11 +73,44 @@ def _ids_response(ids: list[int], a=None):
            pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
            pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32))]
     counts = a.counts if a is not None else ()
+    if a is not None:
+        out += _returned(a)
     if "return_num_input_tokens" in counts:
         out.append(pb_utils.Tensor("num_input_tokens", np.array([[len(a.prompt)]], dtype=np.int32)))
     if "return_num_output_tokens" in counts:  # generated so far
         out.append(pb_utils.Tensor("num_output_tokens", np.array([[len(a.output)]], dtype=np.int32)))
     return pb_utils.InferenceResponse(output_tensors=out)
+
+
+def _returned(a) -> list:
+    """The outputs ``a`` asked for with its RETURN_FLAGS, for what is new since its last response."""
+    out = []
+    want = a.returns
+    n_prompt = len(a.prompt)
+    if "return_log_probs" in want:
+        lp = a.logprobs[a.sent_lp:len(a.output)]
+        out += [pb_utils.Tensor("output_log_probs", np.array([[lp]], dtype=np.float32).reshape(1, 1, len(lp))),
+                pb_utils.Tensor("cum_log_probs", np.array([[sum(a.logprobs[:len(a.output)])]], dtype=np.float32))]
+    if "return_context_logits" in want and a.sent_rows == 0 and len(a.rows) >= n_prompt:
+        out.append(pb_utils.Tensor("context_logits", np.stack(a.rows[:n_prompt])[None].astype(np.float32)))
+    if "return_generation_logits" in want:
+        # row n_prompt - 1 + i produced generated token i
+        start, end = n_prompt - 1 + a.sent_lp, n_prompt - 1 + len(a.output)
+        g = np.stack(a.rows[start:end]) if end > start else np.zeros((0, 0), np.float32)
+        out.append(pb_utils.Tensor("generation_logits", g[None, None].astype(np.float32)))
+    if "return_perf_metrics" in want:
+        t = a.times
+        out += [pb_utils.Tensor(k, np.array([[t.get(k, 0)]], dtype=np.int64)) for k in (
+            "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")]
+        out += [pb_utils.Tensor("kv_cache_alloc_new_blocks", np.array([[a.blocks]], dtype=np.int32)),
+                pb_utils.Tensor("kv_cache_reused_blocks", np.array([[0]], dtype=np.int32)),  # no prefix reuse
+                pb_utils.Tensor("kv_cache_alloc_total_blocks", np.array([[a.blocks]], dtype=np.int32)),
+                pb_utils.Tensor("acceptance_rate", np.array([[0.0]], dtype=np.float32)),  # no speculative decoding
+                pb_utils.Tensor("total_accepted_draft_tokens", np.array([[0]], dtype=np.int32)),
+                pb_utils.Tensor("total_draft_tokens", np.array([[0]], dtype=np.int32))]
+    a.sent_lp = len(a.output)
+    a.sent_rows = len(a.rows)
+    return out
 
 
 def _log(msg: str, level: str = "log_info"):
@@ -159,7 +201,7 @@ class TritonPythonModel:
                      f"{req.output_len} to fit max_seq_len {self.max_seq_len} with its {len(req.input_ids)} prompt "
                      "tokens", "log_warn")
             a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id(), sp)
-            a.counts = req.counts
+            a.counts, a.returns = req.counts, req.returns
             self.inbox.put(("add", a, sp))
         return None
 
@@ -196,8 +238,14 @@ class TritonPythonModel:
     def _continue(self, a):
         """(Re-)add ``a`` to the runtime from its prompt plus the tokens it already has."""
         left = a.sp.max_tokens - len(a.output)
-        a.rid = self.rt.add_request(a.prompt + a.output, dataclasses.replace(a.sp, max_tokens=left))
+        a.skip_rows = len(a.rows)  # the re-prefill recomputes rows we have
+        a.rid = self.rt.add_request(a.prompt + a.output, dataclasses.replace(a.sp, max_tokens=left),
+                                    return_logits=self._wants_logits(a))
         self.active[a.rid] = a
+
+    @staticmethod
+    def _wants_logits(a) -> bool:
+        return any(f in a.returns for f in LOGIT_FLAGS)
 
     def _isolate(self):
         """After a failed step: run each of its requests alone for one token; the ones that fail alone get the
@@ -250,7 +298,10 @@ class TritonPythonModel:
             if item[0] == "add":
                 _, a, sp = item
                 try:
-                    a.rid = self.rt.add_request(a.prompt, sp)
+                    a.rid = self.rt.add_request(a.prompt, sp, return_logits=self._wants_logits(a))
+                    a.times["first_scheduled_time_ns"] = time.time_ns()
+                    a.blocks = self.rt.cfg.pool_blocks_per_sequence(
+                        None, self.rt.cache.tpb, min(len(a.prompt) + sp.max_tokens, self.max_seq_len))
                     self.active[a.rid] = a
                 except ValueError as e:
                     self._safe_send(a, _error(rq.RequestError(f"tensorrt_llm: {e}")), FINAL)
@@ -297,6 +348,21 @@ class TritonPythonModel:
         if a is None:
             return
         new = list(o.token_ids)
+        if o.logits is not None:
+            rows = [r.numpy() for r in o.logits.float()]
+            if a.skip_rows:
+                k = min(a.skip_rows, len(rows))
+                rows, a.skip_rows = rows[k:], a.skip_rows - k
+            a.rows += rows
+            if new:  # the last row produced the sampled token (TRT-LLM's log probs: of the raw logits)
+                import torch
+
+                lp = torch.log_softmax(o.logits[-1].float(), -1)[new[-1]]
+                a.logprobs.append(float(lp))
+        if new:
+            now = time.time_ns()
+            a.times.setdefault("first_token_time_ns", now)
+            a.times["last_token_time_ns"] = now
         if o.finished and o.finish_reason == "stop" and new and a.end_id is not None and new[-1] == a.end_id:
             new = new[:-1]  # TRT-LLM does not return end_id
         a.output += new
@@ -304,7 +370,7 @@ class TritonPythonModel:
             if new and not o.finished:
                 self._safe_send(a, _ids_response(new, a))
             elif o.finished:
-                if new or a.counts:
+                if new or a.counts or a.returns:
                     self._safe_send(a, _ids_response(new, a), FINAL)
                 else:
                     self._safe_send(a, None, FINAL)
