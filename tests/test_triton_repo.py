@@ -206,3 +206,12 @@ def test_decoupled_flag(tmp_path, ckpt, engine, decoupled):
     assert main(["triton-repo", "--flavour", "reference", "--model", str(ckpt), "--out", str(tmp_path / "cli"),
                  "--decoupled", "false", "--max-seq-len", "64"]) == 0
     assert not parse_config(tmp_path / "cli" / "tensorrt_llm_bls" / "config.pbtxt").model_transaction_policy.decoupled
+
+
+def test_tensorrtllm_flavour_has_the_keys_the_cpp_backend_requires(tmp_path, ckpt, engine):
+    """model_instance_state.cc reads tokenizer_dir, xgrammar_tokenizer_info_path and guided_decoding_backend
+    unconditionally: a missing key stops the real C++ backend from loading."""
+    repo = render_repository("tensorrtllm", ckpt, tmp_path / "repo", engine_dir=engine)
+    params = {k: v.string_value for k, v in validate_repository(repo)["tensorrt_llm"].parameters.items()}
+    assert params["tokenizer_dir"] == str(Path(ckpt).resolve())
+    assert params["guided_decoding_backend"] == "" and params["xgrammar_tokenizer_info_path"] == ""
