@@ -288,4 +288,14 @@ def test_text_batches():
 
 def test_error_text():
     assert rq.error_text(rq.RequestError("x is bad"), "m") == "x is bad"
-    assert rq.error_text(KeyError("k"), "tensorrt_llm") == "tensorrt_llm: bad request: KeyError: 'k'"
+    logged = []
+    try:
+        raise KeyError("k")
+    except KeyError as e:
+        text = rq.error_text(e, "tensorrt_llm", logged.append)
+    assert text == "tensorrt_llm: internal error (KeyError: 'k'); the server log has the details"
+    assert "Traceback" in logged[0] and "raise KeyError" in logged[0]  # the trace goes to the log only
+    # one line, bounded, whatever the exception says
+    text = rq.error_text(RuntimeError("line one\n  File x, line 3\n" + "y" * 2000), "m")
+    assert "\n" not in text and "File x" not in text and len(text) <= rq.MAX_ERROR_CHARS
+    assert "\n" not in rq.error_text(rq.RequestError("a\nb"), "m")

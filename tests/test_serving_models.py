@@ -30,8 +30,10 @@ class _Tensor:
 
 
 class _Error:
-    def __init__(self, msg):
-        self._msg = msg
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, msg, code="INTERNAL"):
+        self._msg, self.code = msg, code
 
     def message(self):
         return self._msg
@@ -69,7 +71,9 @@ def _pb_utils():
     m.Tensor, m.TritonError, m.InferenceResponse = _Tensor, _Error, _Response
     m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     m.get_input_tensor_by_name = lambda r, n: _Tensor(n, r.inputs[n]) if n in r.inputs else None
-    m.Logger = types.SimpleNamespace(log_info=lambda msg: None)
+    m.logged = []
+    m.Logger = types.SimpleNamespace(**{f"log_{k}": (lambda k: lambda msg: m.logged.append((k, msg)))(k)
+                                        for k in ("info", "warn", "error", "verbose")})
     return m
 
 
@@ -230,8 +234,9 @@ def _load(name, tmp_path, monkeypatch):
     return mod.TritonPythonModel()
 
 
-def _params(**kw):
-    return {"model_config": json.dumps({"parameters": {k: {"string_value": str(v)} for k, v in kw.items()}})}
+def _params(decoupled=True, **kw):
+    return {"model_config": json.dumps({"parameters": {k: {"string_value": str(v)} for k, v in kw.items()},
+                                        "model_transaction_policy": {"decoupled": decoupled}})}
 
 
 def _error_of(sent):
@@ -329,3 +334,64 @@ def test_preprocessing_one_bad_request_fails_alone(tmp_path, monkeypatch):
     eos = json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
     others = [[e] for e in eos if e != tok.eos_token_id]
     assert stops == [[tok.encode("world", add_special_tokens=False)] + others, others]
+
+
+def test_reference_engine_failure_fails_only_its_request(tiny_ckpt, tmp_path, monkeypatch):
+    """A step that raises for one request (here: sampling with a marker top_k) fails that request alone, with a
+    one-line error and the trace in the log; the requests batched with it finish exactly as the reference model
+    says, streamed or not, and the model keeps serving."""
+    from groundtruth import greedy
+    from trtllm_loop.modeling.load import load_model
+    from trtllm_loop.runtime import scheduler
+
+    real = scheduler.sample
+
+    def sample(logits, params, gen):
+        if params.top_k == 13:
+            raise RuntimeError("boom inside the engine")
+        return real(logits, params, gen)
+
+    monkeypatch.setattr(scheduler, "sample", sample)
+    model = _load("reference", tmp_path, monkeypatch)
+    pb = sys.modules["triton_python_backend_utils"]
+    model.initialize(_params(checkpoint_dir=tiny_ckpt, max_seq_len=64, tokens_per_block=4))
+    try:
+        no_end = dict(end_id=np.array([[-1]], np.int32))
+        good = [_Request(_req([5, 6, 7], 8, **no_end, exclude_input_in_output=np.array([[True]]))),
+                _Request(_req([9, 8], 6, **no_end, streaming=np.array([[True]]))),
+                _Request(_req([3, 4, 5, 6], 5, **no_end, exclude_input_in_output=np.array([[True]])))]
+        bad = _Request(_req([7, 7], 6, **no_end, runtime_top_k=np.array([[13]], np.int32)))
+        model.execute([good[0], good[1], bad, good[2]])
+        ref = load_model(tiny_ckpt)
+        outs = [_wait_final(r.sender, timeout=30) for r in good]
+        assert _ids(outs[0][-1][0]) == greedy(ref, [5, 6, 7], 8)
+        assert sum((_ids(resp) for resp, _ in outs[1] if resp is not None), []) == greedy(ref, [9, 8], 6)
+        assert _ids(outs[2][-1][0]) == greedy(ref, [3, 4, 5, 6], 5)
+        msg = _error_of(_wait_final(bad.sender, timeout=30))
+        assert msg == ("tensorrt_llm: internal error (RuntimeError: boom inside the engine); the server log has "
+                       "the details")
+        assert any(k == "error" and "Traceback" in m and "boom inside the engine" in m for k, m in pb.logged)
+        # still serving
+        again = _Request(_req([5, 6, 7], 8, **no_end, exclude_input_in_output=np.array([[True]])))
+        model.execute([again])
+        assert _ids(_wait_final(again.sender, timeout=30)[-1][0]) == greedy(ref, [5, 6, 7], 8)
+    finally:
+        model.finalize()
+
+
+def test_reference_non_decoupled_refuses_streaming(tiny_ckpt, tmp_path, monkeypatch):
+    model = _load("reference", tmp_path, monkeypatch)
+    model.initialize(_params(decoupled=False, checkpoint_dir=tiny_ckpt, max_seq_len=64, tokens_per_block=4))
+    try:
+        r = _Request(_req([5, 6, 7], 4, streaming=np.array([[True]])))
+        stop = _Request({"input_ids": np.array([[0]], np.int32), "stop": np.array([[True]])}, request_id="x")
+        ok = _Request(_req([5, 6, 7], 4, end_id=np.array([[-1]], np.int32)))
+        model.execute([r, stop, ok])
+        assert "streaming=true needs the decoupled tensorrt_llm model" in _error_of(r.sender.sent)
+        assert r.sender.sent[0][0].error.code == "INVALID_ARG"
+        (resp, flags), = _wait_final(stop.sender)  # one response with the final flag, as non-decoupled needs
+        assert resp is not None and _ids(resp) == []
+        (resp, flags), = _wait_final(ok.sender, timeout=30)
+        assert len(_ids(resp)) == 3 + 4
+    finally:
+        model.finalize()

@@ -164,3 +164,54 @@ def test_released_shape_gets_160_slot_window_pattern(tmp_path, ckpt):
     trt = parse_config(out / "tensorrt_llm/config.pbtxt")
     windows = [int(x) for x in trt.parameters["max_attention_window_size"].string_value.split(",")]
     assert len(windows) == 160 and windows[0::2] == [8192] * 80 and windows[1::2] == [64] * 80
+
+
+def test_quoted_paths_cannot_change_config_pbtxt(tmp_path, ckpt):
+    """A model path with quotes, a backslash and a newline is escaped: each parameter parses back to exactly the
+    path, and no parameter appears or disappears (an unescaped paste would inject `injected`)."""
+    from trtllm_loop.serving.render import check_parameters, fill
+
+    weird = tmp_path / 'we"ird\\ } } parameters: { key: "injected" value: { string_value: "x" } }\nline'
+    shutil.copytree(ckpt, weird)
+    repo = render_repository("reference", weird, tmp_path / "repo", max_seq_len=64)
+    cfgs = validate_repository(repo)
+    for name in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
+        params = {k: v.string_value for k, v in cfgs[name].parameters.items()}
+        assert params["tokenizer_dir"] == str(weird.resolve()) and "injected" not in params
+    assert cfgs["tensorrt_llm"].parameters["checkpoint_dir"].string_value == str(weird.resolve())
+    # the round-trip check is what would catch an unescaped value
+    tpl = 'parameters: { key: "tokenizer_dir" value: { string_value: "${tokenizer_dir}" } }\n'
+    raw = fill(tpl, {"tokenizer_dir": 'a" } } parameters: { key: "injected" value: { string_value: "x'}, "t",
+               escape=False)
+    cfg = parse_config_text(raw, tmp_path)
+    with pytest.raises(UserError, match="a value broke out of its string"):
+        check_parameters(tpl, cfg, {"tokenizer_dir": 'a" } } parameters: { key: "injected" value: { string_value: "x'},
+                         "t")
+
+
+def parse_config_text(text, tmp_path):
+    p = tmp_path / "x.pbtxt"
+    p.write_text(text)
+    return parse_config(p)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_decoupled_flag(tmp_path, ckpt, engine, decoupled):
+    for flavour in ("reference", "tensorrtllm", "llmapi"):
+        repo = render_repository(flavour, ckpt, tmp_path / f"{flavour}-{decoupled}", engine_dir=engine,
+                                 max_seq_len=64, decoupled=decoupled)
+        cfgs = validate_repository(repo)
+        for name in ("tensorrt_llm", "tensorrt_llm_bls"):
+            assert cfgs[name].model_transaction_policy.decoupled is decoupled, (flavour, name)
+    assert main(["triton-repo", "--flavour", "reference", "--model", str(ckpt), "--out", str(tmp_path / "cli"),
+                 "--decoupled", "false", "--max-seq-len", "64"]) == 0
+    assert not parse_config(tmp_path / "cli" / "tensorrt_llm_bls" / "config.pbtxt").model_transaction_policy.decoupled
+
+
+def test_tensorrtllm_flavour_has_the_keys_the_cpp_backend_requires(tmp_path, ckpt, engine):
+    """model_instance_state.cc reads tokenizer_dir, xgrammar_tokenizer_info_path and guided_decoding_backend
+    unconditionally: a missing key stops the real C++ backend from loading."""
+    repo = render_repository("tensorrtllm", ckpt, tmp_path / "repo", engine_dir=engine)
+    params = {k: v.string_value for k, v in validate_repository(repo)["tensorrt_llm"].parameters.items()}
+    assert params["tokenizer_dir"] == str(Path(ckpt).resolve())
+    assert params["guided_decoding_backend"] == "" and params["xgrammar_tokenizer_info_path"] == ""

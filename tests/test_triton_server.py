@@ -156,7 +156,7 @@ def healthy_after(env):
 def test_models_ready(env):
     with urllib.request.urlopen(f"http://{env.http}/v2") as r:
         meta = json.loads(r.read())
-    assert meta["name"] == "triton"
+    assert meta["name"] == env.server.server_id  # the server we started answers, not another one
     for m in ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls"):
         with urllib.request.urlopen(f"http://{env.http}/v2/models/{m}/ready") as r:
             assert r.status == 200
@@ -214,21 +214,22 @@ def test_bls_streamed_equals_non_streamed(env, protocol):
             pieces = list(http_stream(env.http, "tensorrt_llm_bls", f))
         assert len(pieces) > 1, "not streamed"
         assert "".join(pieces) == whole
-        # with the prompt echoed, the stream starts with the prompt text, multi-byte characters intact
+        # streaming never echoes the prompt, whatever exclude_input_in_output says (upstream's BLS does not
+        # either, and Triton's OpenAI frontend never sends the flag); non-streamed text echoes it when asked
         f2 = request_fields(prompt, 40, exclude_input_in_output=False)
-        pieces2 = list(grpc_stream(env.grpc, "tensorrt_llm_bls", f2))
-        assert "".join(pieces2) == prompt + whole
-        first = pieces2[0]  # the prompt text (a trailing byte-fallback character may wait for the next piece)
-        assert prompt.startswith(first) or first.startswith(prompt)
+        assert "".join(grpc_stream(env.grpc, "tensorrt_llm_bls", f2)) == whole
+        assert http_generate(env.http, "tensorrt_llm_bls", f2) == prompt + whole
 
 
 def test_stream_of_known_text_never_splits_characters(env):
-    """Streamed text of a known multi-byte token sequence (the echoed prompt) arrives in whole characters."""
-    prompt = "😀✓你好 naïve  x"
-    pieces = list(grpc_stream(env.grpc, "tensorrt_llm_bls", request_fields(prompt, 1, exclude_input_in_output=False)))
-    joined = "".join(pieces)
-    assert joined.startswith(prompt)
-    assert "\ufffd" not in pieces[0]
+    """Streamed text arrives in whole characters: every piece decodes on its own to no U+FFFD unless the
+    reference decode of the whole completion has one there too."""
+    for prompt in PROMPTS:
+        ids, text = expected(env, prompt, 40)
+        pieces = list(grpc_stream(env.grpc, "tensorrt_llm_bls", request_fields(prompt, 40)))
+        assert "".join(pieces) == text
+        if "\ufffd" not in text:
+            assert not any("\ufffd" in p for p in pieces)
 
 
 def test_ensemble_streams_per_token(env):
@@ -410,3 +411,108 @@ def test_cli_client_streams_chat(env, capsys):
     assert capsys.readouterr().out == want + "\n"
     assert main(["client", "--url", env.http, "--protocol", "http", "--prompt", "hi", "--max-tokens", "0"]) == 2
     assert "max_tokens must be >= 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- isolation (issue 10, item 7)
+NON_FINITE = [("temperature", np.float32(np.nan)), ("temperature", np.float32(np.inf)),
+              ("top_p", np.float32(np.nan)), ("repetition_penalty", np.float32(np.inf)),
+              ("length_penalty", np.float32(-np.inf)), ("presence_penalty", np.float32(np.nan))]
+
+
+def test_non_finite_sampling_refused_while_others_complete_identically(env):
+    """NaN / inf sampling values are refused at parse time, naming the field, on every model, while concurrent
+    good requests on every model complete exactly as the reference model says."""
+    good_prompts = PROMPTS[:3]
+    want = [expected(env, p, 20)[1] for p in good_prompts]
+
+    def good(i):
+        f = request_fields(good_prompts[i % 3], 20)
+        model = ("ensemble", "tensorrt_llm_bls")[i % 2]
+        return "".join(grpc_stream(env.grpc, model, f, stream=bool(i % 2) and model == "tensorrt_llm_bls"))
+
+    def bad(j):
+        name, value = NON_FINITE[j % len(NON_FINITE)]
+        model = ("ensemble", "tensorrt_llm_bls", "tensorrt_llm")[j % 3]
+        if model == "tensorrt_llm":
+            llm = {"temperature": "temperature", "top_p": "runtime_top_p", "length_penalty": "len_penalty"}.get(
+                name, name)
+            arrays = {"input_ids": np.array([encode(env, "hi")], np.int32),
+                      "input_lengths": np.array([[len(encode(env, "hi"))]], np.int32),
+                      "request_output_len": np.array([[8]], np.int32), llm: np.array([[value]], np.float32)}
+            name = llm
+        else:
+            arrays = {"text_input": np.array([[b"hello"]], dtype=object), "max_tokens": np.array([[8]], np.int32),
+                      name: np.array([[value]], np.float32)}
+        try:
+            raw_stream(env, model, arrays)
+        except TritonRequestError as e:
+            return name, str(e)
+        return name, None
+
+    with ThreadPoolExecutor(12) as ex:
+        goods = [ex.submit(good, i) for i in range(6)]
+        bads = [ex.submit(bad, j) for j in range(12)]
+        got_good = [f.result(timeout=120) for f in goods]
+        got_bad = [f.result(timeout=120) for f in bads]
+    assert got_good == [want[i % 3] for i in range(6)]
+    for name, err in got_bad:
+        assert err is not None, f"{name}: a non-finite value was accepted"
+        assert re.search(rf"{name} must be .*, got (nan|inf|-inf)", err), err
+        assert "Traceback" not in err and "\n" not in err
+    healthy_after(env)
+
+
+def test_non_finite_and_out_of_range_over_http_are_400(env):
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        conn, r = __import__("trtllm_loop.serving.client", fromlist=["_http_post"])._http_post(
+            env.http, f"/v2/models/{model}/generate", {"text_input": "hi", "max_tokens": 4, "top_p": 1.5}, 30)
+        body = r.read().decode()
+        conn.close()
+        assert r.status == 400, (model, r.status, body)
+        assert "top_p must be in (0, 1]" in body
+
+
+def test_prompt_bytes_bounded_before_tokenizing(env):
+    """An 8 MB prompt is refused at once by its byte size (never tokenized), and a request sent at the same time
+    completes normally."""
+    huge = "word " * (8 * 1024 * 1024 // 5)
+    want = expected(env, PROMPTS[1], 12)[1]
+    with ThreadPoolExecutor(3) as ex:
+        t0 = time.monotonic()
+        futs = [ex.submit(http_generate, env.http, m, request_fields(huge, 4), validate=False)
+                for m in ("tensorrt_llm_bls", "ensemble")]
+        ok = ex.submit(grpc_generate, env.grpc, "tensorrt_llm_bls", request_fields(PROMPTS[1], 12), stream=True)
+        for f in futs:
+            with pytest.raises(TritonRequestError, match=r"bytes .*max_prompt_bytes"):
+                f.result(timeout=60)
+        assert ok.result(timeout=60) == want
+        assert time.monotonic() - t0 < 30
+
+
+def test_no_traceback_reaches_a_client(env):
+    deep = "[" * 200000 + "]" * 200000
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        with pytest.raises(TritonRequestError) as ei:
+            http_generate(env.http, model, {"text_input": "hi", "max_tokens": 4, "chat_messages": deep}, validate=False)
+        msg = str(ei.value)
+        assert "chat_messages" in msg and "Traceback" not in msg and "File " not in msg, msg
+    # postprocessing with ids outside the vocabulary: a named refusal, not an OverflowError trace
+    for bad in (-5, 10 ** 6):
+        with pytest.raises(TritonRequestError) as ei:
+            raw_stream(env, "postprocessing", {"TOKENS_BATCH": np.array([[[5, bad]]], np.int32),
+                                              "SEQUENCE_LENGTH": np.array([[2]], np.int32)})
+        assert f"TOKENS_BATCH contains {bad}, outside the vocabulary" in str(ei.value)
+        assert "Traceback" not in str(ei.value)
+    healthy_after(env)
+
+
+def test_max_tokens_cut_is_logged_by_tensorrt_llm(env):
+    """tensorrt_llm cuts request_output_len to fit max_seq_len like TRT-LLM, and says so in the server log."""
+    prompt = [5] * 300
+    got = llm_ids(env, prompt, MAX_OUTPUT_LEN, end_id=-1, request_id="cut-me")
+    assert len(got) == MAX_SEQ_LEN - len(prompt)
+    deadline = time.monotonic() + 10
+    pat = rf"request 'cut-me': request_output_len {MAX_OUTPUT_LEN} cut to {MAX_SEQ_LEN - 300}"
+    while not log_lines(env, pat) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log_lines(env, pat)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from trtllm_loop.commands.argtypes import add_force, fraction, positive_int
+from trtllm_loop.commands.argtypes import add_force, fraction, positive_float, positive_int
 
 HELP = """\
 Render a Triton model repository for a Loop checkpoint. Every flavour exposes the same client contract:
@@ -45,6 +45,14 @@ def register(sub) -> None:
     p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size (llmapi)")
     p.add_argument("--exclude-input-in-output", action="store_true",
                    help="server default: return only the completion (TRT-LLM default is to echo the prompt)")
+    p.add_argument("--decoupled", choices=["true", "false"], default="true",
+                   help="decoupled tensorrt_llm / tensorrt_llm_bls (true: streaming; false: one response per request, "
+                        "so unary infer over gRPC/HTTP works on ensemble and tensorrt_llm_bls); default true")
+    p.add_argument("--max-prompt-bytes", type=positive_int,
+                   help="largest accepted prompt in UTF-8 bytes, checked before tokenizing "
+                        "(default: 64 per max_input_len token, at least 65536)")
+    p.add_argument("--bls-response-timeout", type=positive_float, default=300.0, metavar="S",
+                   help="tensorrt_llm_bls ends a request with an error when tensorrt_llm sends nothing for S seconds")
     p.add_argument("--torch-threads", type=positive_int, default=1, help="CPU threads of the reference runtime")
     add_force(p, "--out")
     p.set_defaults(func=run)
@@ -59,6 +67,8 @@ def run(args) -> int:
         max_input_len=args.max_input_len, max_output_len=args.max_output_len,
         kv_cache_free_gpu_mem_fraction=args.kv_cache_fraction, enable_kv_cache_reuse=args.enable_kv_cache_reuse,
         cuda_graph_mode=not args.no_cuda_graphs, exclude_input_in_output=args.exclude_input_in_output,
-        torch_threads=args.torch_threads, tensor_parallel_size=args.tp, overwrite=args.force)
+        torch_threads=args.torch_threads, tensor_parallel_size=args.tp, overwrite=args.force,
+        decoupled=args.decoupled == "true", max_prompt_bytes=args.max_prompt_bytes,
+        bls_response_timeout_s=args.bls_response_timeout)
     print(f"wrote {args.flavour} Triton repository to {out} (validated); serve it with: trtllm-loop serve {out}")
     return 0

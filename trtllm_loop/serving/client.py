@@ -24,6 +24,7 @@ FIELDS = {
     "seed": ("UINT64", np.uint64, False), "beam_width": ("INT32", np.int32, False),
     "num_return_sequences": ("INT32", np.int32, False), "return_log_probs": ("BOOL", np.bool_, False),
     "exclude_input_in_output": ("BOOL", np.bool_, False), "stream": ("BOOL", np.bool_, False),
+    "return_num_input_tokens": ("BOOL", np.bool_, False), "return_num_output_tokens": ("BOOL", np.bool_, False),
 }
 
 

@@ -43,11 +43,42 @@ class RequestError(ValueError):
     """A bad request; the message names the input tensor and the fix. Sent back as the Triton error."""
 
 
-def error_text(exc: Exception, model: str) -> str:
-    """The error message a model answers a failed request with: ours verbatim, anything else labelled."""
+MAX_ERROR_CHARS = 500
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line, at most ``limit`` characters: what a client is ever shown of an error."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def error_text(exc: BaseException, model: str, log: Callable[[str], None] | None = None) -> str:
+    """The one-line error a model answers a failed request with: ours (:class:`RequestError`) verbatim, anything
+    else as ``model: internal error (Type: first line)`` -- never a traceback; the full trace goes to ``log``
+    (the server log) when given."""
     if isinstance(exc, RequestError):
-        return str(exc)
-    return f"{model}: bad request: {type(exc).__name__}: {exc}"
+        return one_line(str(exc))
+    if log is not None:
+        import traceback
+
+        try:
+            log(f"{model}: {''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))}")
+        except Exception:  # pragma: no cover - logging must never fail a request
+            pass
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return one_line(f"{model}: internal error ({type(exc).__name__}{': ' + first if first else ''}); "
+                    "the server log has the details")
+
+
+def error_response(pb_utils, exc: BaseException, model: str, log: Callable[[str], None] | None = None):
+    """A Triton error response for ``exc``: INVALID_ARG (HTTP 400) for a bad request, INTERNAL otherwise."""
+    te = pb_utils.TritonError
+    code = getattr(te, "INVALID_ARG" if isinstance(exc, RequestError) else "INTERNAL", None)
+    msg = error_text(exc, model, log)
+    try:
+        return pb_utils.InferenceResponse(error=te(msg) if code is None else te(msg, code))
+    except TypeError:  # pragma: no cover - a backend without error codes
+        return pb_utils.InferenceResponse(error=te(msg))
 
 
 # ----------------------------------------------------------------------------- tensor access
@@ -178,6 +209,36 @@ def from_word_list(arr, name: str = "stop/bad words list") -> list[list[int]]:
     return seqs
 
 
+def output_token_rows(tokens, lengths, vocab_size: int | None = None) -> list[list[list[int]]]:
+    """``postprocessing``'s ``TOKENS_BATCH`` ``[batch, beams, T]`` (or ``[batch, T]``) cut to ``SEQUENCE_LENGTH``:
+    ids per prompt per beam; ids outside the vocabulary are refused by name (never an OverflowError)."""
+    if tokens is None or lengths is None:
+        raise RequestError("TOKENS_BATCH and SEQUENCE_LENGTH are both required")
+    t, n = np.asarray(tokens), np.asarray(lengths)
+    if t.dtype.kind not in "iu" or n.dtype.kind not in "iu":
+        raise RequestError(f"TOKENS_BATCH and SEQUENCE_LENGTH must be INT32 tensors, got {t.dtype}, {n.dtype}")
+    if t.ndim == 2:  # [batch, tokens] without a beam axis
+        t = t[:, None, :]
+    if t.ndim != 3:
+        raise RequestError(f"TOKENS_BATCH must have shape [batch, beams, tokens], got {list(t.shape)}")
+    n = n.reshape(t.shape[0], -1) if n.size else np.zeros((t.shape[0], 0), np.int64)
+    out = []
+    for b in range(t.shape[0]):
+        beams = []
+        for beam in range(t.shape[1]):
+            k = int(n[b, beam]) if beam < n.shape[1] else t.shape[2]
+            if not 0 <= k <= t.shape[2]:
+                raise RequestError(f"SEQUENCE_LENGTH {k} is outside [0, {t.shape[2]}] (the tokens sent)")
+            ids = [int(x) for x in t[b, beam, :k]]
+            bad = next((x for x in ids if x < 0 or (vocab_size and x >= vocab_size)), None)
+            if bad is not None:
+                raise RequestError(f"TOKENS_BATCH contains {bad}, outside the vocabulary "
+                                   f"[0, {vocab_size or 'vocab_size'})")
+            beams.append(ids)
+        out.append(beams)
+    return out
+
+
 # ----------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class _Option:
@@ -252,7 +313,52 @@ def _show(v):
 
 
 # ----------------------------------------------------------------------------- tensorrt_llm requests
-RETURN_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
+RETURN_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics")
+# tensorrt_llm inputs no Python flavour implements (the C++ backend does): refused by every LLMRequest.reject(),
+# each with why and what to do
+NOT_IN_PYTHON = {
+    "prompt_embedding_table": "prompt tables (p-tuning) are not supported by this model: use the tensorrtllm flavour",
+    "prompt_vocab_size": "prompt tables (p-tuning) are not supported by this model: use the tensorrtllm flavour",
+    "prompt_table_extra_ids": "prompt tables (p-tuning) are not supported by this model: use the tensorrtllm flavour",
+    "lora_task_id": "LoRA adapters are not supported by this model: leave lora_* unset",
+    "lora_weights": "LoRA adapters are not supported by this model: leave lora_* unset",
+    "lora_config": "LoRA adapters are not supported by this model: leave lora_* unset",
+    "guided_decoding_guide_type": "guided decoding needs a grammar backend (xgrammar), which this model does not "
+                                  "have: leave guided_decoding_* unset",
+    "guided_decoding_guide": "guided decoding needs a grammar backend (xgrammar), which this model does not have: "
+                             "leave guided_decoding_* unset",
+}
+# client-contract inputs forwarded to tensorrt_llm as they are (client name -> tensorrt_llm name)
+FORWARDED = {"prompt_embedding_table": "prompt_embedding_table", "prompt_vocab_size": "prompt_vocab_size",
+             "prompt_table_extra_id": "prompt_table_extra_ids", "lora_task_id": "lora_task_id",
+             "lora_weights": "lora_weights", "lora_config": "lora_config",
+             "guided_decoding_guide_type": "guided_decoding_guide_type",
+             "guided_decoding_guide": "guided_decoding_guide"}
+# upstream BLS inputs for models and features the Loop model does not have: refused when set
+REFUSED_TEXT_INPUTS = {
+    "decoder_text_input": "decoder_text_input is for encoder-decoder models; the Loop model is decoder-only: "
+                          "leave it unset",
+    "image_input": "the Loop model is text-only: leave image_input unset",
+    "image_bytes_input": "the Loop model is text-only: leave image_bytes_input unset",
+    "image_url_input": "the Loop model is text-only: leave image_url_input unset",
+    "image_sizes_input": "the Loop model is text-only: leave image_sizes_input unset",
+    "video_bytes_input": "the Loop model is text-only: leave video_bytes_input unset",
+    "num_draft_tokens": "speculative decoding with a draft model is not configured: leave num_draft_tokens unset "
+                        "or 0",
+    "use_draft_logits": "speculative decoding with a draft model is not configured: leave use_draft_logits unset "
+                        "or false",
+}
+
+
+def _is_set(a) -> bool:
+    """An optional input counts as set when it holds something other than empties / zeros / false."""
+    if a is None or a.size == 0:
+        return False
+    if a.dtype.kind in "OSU":
+        return any(_nbytes(v) for v in a.reshape(-1))
+    return bool(np.any(a != 0))
+# token counts every flavour can return (upstream: return_num_input_tokens -> num_input_tokens, ...)
+COUNT_FLAGS = ("return_num_input_tokens", "return_num_output_tokens")
 
 
 @dataclass(frozen=True)
@@ -269,6 +375,9 @@ class LLMRequest:
     returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true
     streaming: bool = False
     exclude_input: bool = False
+    asked_len: int = 0                  # request_output_len as sent (> output_len: cut to fit max_seq_len)
+    counts: tuple[str, ...] = ()        # the COUNT_FLAGS set true (num_input_tokens / num_output_tokens outputs)
+    python_unsupported: tuple[str, ...] = ()  # the NOT_IN_PYTHON inputs that were set
 
     def features(self) -> dict[str, str]:
         """The optional features this request turns on: input name -> how it was set."""
@@ -279,11 +388,15 @@ class LLMRequest:
             out["bad_words_list"] = "bad_words_list"
         if self.embedding_bias:
             out["embedding_bias"] = "embedding_bias"
+        out.update({k: k for k in self.python_unsupported})
         return out
 
     def reject(self, unsupported, who: str) -> None:
-        """Refuse a request that turns on one of the ``unsupported`` inputs, naming it."""
+        """Refuse a request that turns on one of the ``unsupported`` inputs (or of :data:`NOT_IN_PYTHON`, which
+        no Python model implements), naming it."""
         on = self.features()
+        for name in self.python_unsupported:
+            raise RequestError(f"{name} is set: {NOT_IN_PYTHON[name]} ({who})")
         for name in unsupported:
             if name in on:
                 off = next((o.off[0] for o in SAMPLING if o.llm == name and o.off), None)
@@ -323,7 +436,8 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
     out_len = scalar(inp, "request_output_len", int)
     if out_len is None or out_len < 1:
         raise RequestError(f"request_output_len must be >= 1, got {out_len}: ask for at least one token")
-    if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise
+    asked = out_len
+    if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise (and warns: the models log it)
         out_len = min(out_len, max_seq_len - n)
     bias = tensor(inp, "embedding_bias", float)
     return LLMRequest(
@@ -334,7 +448,9 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
         embedding_bias=bias is not None and bias.size > 0,
         returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
         streaming=scalar(inp, "streaming", bool, False),
-        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude))
+        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude), asked_len=asked,
+        counts=tuple(c for c in COUNT_FLAGS if scalar(inp, c, bool, False)),
+        python_unsupported=tuple(n for n in NOT_IN_PYTHON if _is_set(inp.get(n))))
 
 
 # ----------------------------------------------------------------------------- client (text) requests
@@ -342,7 +458,10 @@ def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size:
 PREPROCESSING_NAMES = {"text_input": "QUERY", "max_tokens": "REQUEST_OUTPUT_LEN",
                        "apply_chat_template": "APPLY_CHAT_TEMPLATE", "chat_messages": "CHAT_MESSAGES",
                        "system_prompt": "SYSTEM_PROMPT", "stop_words": "STOP_WORDS_DICT",
-                       "bad_words": "BAD_WORDS_DICT", "end_id": "END_ID", "pad_id": "PAD_ID"}
+                       "bad_words": "BAD_WORDS_DICT", "end_id": "END_ID", "pad_id": "PAD_ID",
+                       "decoder_text_input": "DECODER_QUERY", "embedding_bias_words": "EMBEDDING_BIAS_WORDS",
+                       "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS",
+                       "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID"}
 
 
 @dataclass(frozen=True)
@@ -359,6 +478,10 @@ class TextRequest:
     return_log_probs: bool | None = None
     stream: bool = False
     exclude_input: bool = False
+    counts: tuple[str, ...] = ()        # the COUNT_FLAGS set true
+    returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true (return_log_probs included)
+    embedding_bias: tuple = ()          # ((word, weight), ...)
+    forwarded: dict = field(default_factory=dict)  # tensorrt_llm name -> array, the FORWARDED inputs that were set
 
 
 def check_max_tokens(max_tokens: int | None, max_output_len: int = 0) -> int:
@@ -383,6 +506,9 @@ def chat_messages(text: str, apply_chat_template: bool, messages_json: str | Non
         except json.JSONDecodeError as e:
             raise RequestError(f"chat_messages is not valid JSON ({e.msg} at char {e.pos}): send a JSON list "
                                'like [{"role": "user", "content": "hi"}]') from None
+        except RecursionError:
+            raise RequestError('chat_messages is nested too deeply: send a flat JSON list of {"role": str, '
+                               '"content": str} objects') from None
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
@@ -401,8 +527,41 @@ def chat_messages(text: str, apply_chat_template: bool, messages_json: str | Non
     return messages
 
 
+def _nbytes(v) -> int:
+    if isinstance(v, np.ndarray):
+        v = v.item()
+    return len(v.encode("utf-8")) if isinstance(v, str) else len(bytes(v))
+
+
+def check_prompt_bytes(inp: Inputs, batch: int, max_prompt_bytes: int) -> None:
+    """Refuse a prompt over ``max_prompt_bytes`` (text_input + chat_messages + system_prompt, per prompt) before
+    anything decodes or tokenizes it: a huge prompt is cheap to refuse and costly to tokenize."""
+    if not max_prompt_bytes:
+        return
+    total = [0] * batch
+    for name in ("text_input", "chat_messages", "system_prompt"):
+        a = inp.get(name)
+        if a is None or a.dtype.kind not in "OSU" or a.size != batch:
+            continue  # the type/shape checks that follow name the problem
+        for b, v in enumerate(a.reshape(-1)):
+            total[b] += _nbytes(v)
+    worst = max(total, default=0)
+    if worst > max_prompt_bytes:
+        raise RequestError(f"the prompt is {worst} bytes (text_input + chat_messages + system_prompt); this server "
+                           f"accepts at most {max_prompt_bytes} bytes (max_prompt_bytes): shorten it")
+
+
+def check_context(prompt_tokens: int, max_tokens: int, max_seq_len: int) -> None:
+    """The prompt and the tokens asked for must fit the context: refused (not silently cut) when they do not."""
+    if max_seq_len and prompt_tokens + max_tokens > max_seq_len:
+        room = max_seq_len - prompt_tokens
+        raise RequestError(f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together over this "
+                           f"model's context of {max_seq_len} tokens (max_seq_len); ask for at most {room} tokens "
+                           "or shorten the prompt")
+
+
 def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude: bool = False,
-                        single: bool = False) -> list[TextRequest]:
+                        single: bool = False, max_prompt_bytes: int = 0) -> list[TextRequest]:
     """One :class:`TextRequest` per prompt of the batch (``single``: exactly one prompt)."""
     q = tensor(inp, "text_input", str)
     if q is None:
@@ -413,22 +572,46 @@ def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude
     if q.size != batch:
         raise RequestError(f"text_input must hold one string per prompt (shape [{batch}, 1]), "
                            f"got shape {list(q.shape)}")
+    check_prompt_bytes(inp, batch, max_prompt_bytes)
     texts = [decode_utf8(v, "text_input") for v in q.reshape(-1)]
     get = {name: scalars(inp, name, kind, batch) for name, kind in (
         ("max_tokens", int), ("apply_chat_template", bool), ("chat_messages", str), ("system_prompt", str),
         ("end_id", int), ("pad_id", int), ("return_log_probs", bool), ("stream", bool),
-        ("exclude_input_in_output", bool))}
+        ("exclude_input_in_output", bool), *((c, bool) for c in COUNT_FLAGS))}
+    for name, why in REFUSED_TEXT_INPUTS.items():
+        if _is_set(inp.get(name)):
+            raise RequestError(why)
     stops, bads = rows(inp, "stop_words", str, batch), rows(inp, "bad_words", str, batch)
+    bias_words = rows(inp, "embedding_bias_words", str, batch)
+    bias_weights = rows(inp, "embedding_bias_weights", float, batch)
+    flags = {r: scalars(inp, r, bool, batch) for r in RETURN_FLAGS}
+    forwarded = {}
+    for name, llm_name in FORWARDED.items():
+        a = inp.get(name)
+        if _is_set(a):
+            if batch != 1:
+                raise RequestError(f"{name} with a batch of {batch} prompts: send one prompt per request")
+            forwarded[llm_name] = a
     sampling = Sampling.parse(inp, batch, llm=False)
     out = []
     for b in range(batch):
         v = {k: vals[b] for k, vals in get.items()}
+        words = string_list(bias_words[b], "embedding_bias_words")
+        weights = [] if bias_weights[b] is None else [float(x) for x in np.asarray(bias_weights[b]).reshape(-1)]
+        if len(words) != len(weights):
+            raise RequestError(f"embedding_bias_words has {len(words)} words but embedding_bias_weights has "
+                               f"{len(weights)} weights: send one weight per word")
+        bad = next((w for w in weights if not math.isfinite(w)), None)
+        if bad is not None:
+            raise RequestError(f"embedding_bias_weights must be finite numbers, got {_show(bad)}")
         out.append(TextRequest(
+            returns=tuple(r for r in RETURN_FLAGS if flags[r][b]), embedding_bias=tuple(zip(words, weights)),
+            forwarded=forwarded,
             text=texts[b], max_tokens=check_max_tokens(v["max_tokens"], max_output_len),
             chat=chat_messages(texts[b], bool(v["apply_chat_template"]), v["chat_messages"], v["system_prompt"]),
             stop_words=string_list(stops[b], "stop_words"), bad_words=string_list(bads[b], "bad_words"),
             end_id=v["end_id"], pad_id=v["pad_id"], sampling=sampling[b], return_log_probs=v["return_log_probs"],
-            stream=bool(v["stream"]),
+            stream=bool(v["stream"]), counts=tuple(c for c in COUNT_FLAGS if v[c]),
             exclude_input=default_exclude if v["exclude_input_in_output"] is None else v["exclude_input_in_output"]))
     return out
 

@@ -1,5 +1,6 @@
 """``trtllm-loop demo`` with a real server: synth a tiny model with its tokenizer, render the ``reference``
-Triton repository, serve it on 127.0.0.1, stream a short chat through the gRPC client, shut down."""
+Triton repository, serve it on 127.0.0.1 with the OpenAI-compatible endpoint beside it, stream a short chat
+through that endpoint (``/v1/chat/completions``, SSE), shut down."""
 from __future__ import annotations
 
 import sys
@@ -13,9 +14,9 @@ CHAT = [{"role": "system", "content": "You are a helpful coding assistant."},
 def run_triton_demo(workdir: str | Path, max_tokens: int = 32, out=None) -> int:
     """Returns 0 on success; raises :class:`trtllm_loop.errors.UserError` with the fix when the serving
     extra or the server is missing. Everything stays on loopback; nothing is downloaded."""
-    from trtllm_loop.serving.client import grpc_generate, request_fields
+    from trtllm_loop.serving.openai_server import OpenAIServer, chat_stream
     from trtllm_loop.serving.render import render_repository
-    from trtllm_loop.serving.server import TritonServer, locate
+    from trtllm_loop.serving.server import TritonServer, free_port, locate
     from trtllm_loop.synth import synthesize
 
     out = out or sys.stdout
@@ -34,16 +35,25 @@ def run_triton_demo(workdir: str | Path, max_tokens: int = 32, out=None) -> int:
     t0 = time.perf_counter()
     server = TritonServer(repo, log_path=work / "tritonserver.log")
     server.start(timeout=300)
+    api = None
     try:
+        api = OpenAIServer(server.grpc_url, free_port()).start()
         say(f"[3/4] tritonserver ({server.kind}) ready in {time.perf_counter() - t0:.1f} s: "
-            f"HTTP {server.http_url}, gRPC {server.grpc_url}")
-        say("[4/4] streaming a chat reply over gRPC from tensorrt_llm_bls (random weights: expect gibberish)")
+            f"HTTP {server.http_url}, gRPC {server.grpc_url}; OpenAI-compatible API {api.url}")
+        say("[4/4] streaming a chat reply through /v1/chat/completions -> tensorrt_llm_bls "
+            "(random weights: expect gibberish)")
         out.write(f"user> {CHAT[-1]['content']}\nassistant> ")
         t1 = time.perf_counter()
-        text = grpc_generate(server.grpc_url, "tensorrt_llm_bls", request_fields(messages=CHAT, max_tokens=max_tokens),
-                             stream=True, on_text=lambda s: (out.write(s), out.flush()))
+        parts = []
+        for piece in chat_stream(api.url, CHAT, max_tokens):
+            parts.append(piece)
+            out.write(piece)
+            out.flush()
+        text = "".join(parts)
         say(f"\n({len(text)} characters in {time.perf_counter() - t1:.2f} s)")
     finally:
+        if api is not None:
+            api.stop()
         rc = server.stop()
     say(f"tritonserver stopped (exit code {rc}); server log: {work / 'tritonserver.log'}")
     return 0 if rc == 0 else 1

@@ -23,7 +23,7 @@ from pathlib import Path
 import trtllm_loop
 from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
-from trtllm_loop.fsutil import atomic_dir
+from trtllm_loop.fsutil import atomic_dir, check_output
 from trtllm_loop.trtllm.deploy.llm_args import llm_api_args, triton_model_yaml
 
 FLAVOURS = ("tensorrtllm", "llmapi", "reference")
@@ -42,12 +42,54 @@ def templates_dir() -> Path:
     return d
 
 
-def fill(text: str, values: dict, where: str) -> str:
+# template variables holding pbtxt / yaml blocks (pasted as they are); every other value is pbtxt-escaped
+RAW_VALUES = frozenset({"client_io", "bls_client_io", "client_io_extra", "tensorrt_llm_io", "llmapi_model_yaml"})
+# upstream's BLS takes a few inputs its ensemble does not (tensorrt_llm_bls/config.pbtxt): declared, refused when set
+BLS_EXTRA_IO = """,
+  { name: "image_input" data_type: TYPE_FP16 dims: [ -1, 3, -1, -1 ] optional: true },
+  { name: "image_bytes_input" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] optional: true },
+  { name: "image_url_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "image_sizes_input" data_type: TYPE_INT64 dims: [ -1, 2 ] optional: true },
+  { name: "video_bytes_input" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] optional: true },
+  { name: "num_draft_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "use_draft_logits" data_type: TYPE_BOOL dims: [ 1 ] optional: true }"""
+_PARAM = re.compile(r'parameters:\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}')
+
+
+def pbtxt_escape(value, name: str = "value") -> str:
+    """``value`` as the inside of a protobuf text-format string: quotes, backslashes and control characters
+    escaped, so that a path like ``a" } parameters: {...`` stays one string value."""
+    from google.protobuf import text_encoding
+
+    s = str(value)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{name}={s!r}: not valid UTF-8 (Triton reads config.pbtxt as UTF-8): rename it") from None
+    return text_encoding.CEscape(s, as_utf8=True)
+
+
+def fill(text: str, values: dict, where: str, escape: bool = True) -> str:
     used = set(_VAR.findall(text))
     missing = sorted(used - set(values))
     if missing:
         raise UserError(f"{where}: template variables without a value: {', '.join(missing)}")
-    return string.Template(text).substitute({k: str(v) for k, v in values.items()})
+    return string.Template(text).substitute(
+        {k: str(v) if (k in RAW_VALUES or not escape) else pbtxt_escape(v, k) for k, v in values.items()})
+
+
+def check_parameters(template: str, cfg, values: dict, where: str) -> None:
+    """The rendered ``parameters`` are exactly the template's, each ``"${var}"`` parsed back to its value: a
+    pasted value can never add, drop or change a parameter."""
+    want = {}
+    for key, raw in _PARAM.findall(template):
+        m = _VAR.fullmatch(raw)
+        want[key] = str(values[m.group(1)]) if m else raw
+    got = {k: v.string_value for k, v in cfg.parameters.items()}
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise UserError(f"{where}: rendered parameters differ from the template's for {diff}: a value broke out of "
+                        "its string")
 
 
 def _tokenizer_ok(d: Path) -> bool:
@@ -77,6 +119,8 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                       cuda_graph_mode: bool = True, exclude_input_in_output: bool = False,
                       reference_dtype: str = "float32", torch_threads: int = 1, tensor_parallel_size: int = 1,
                       bls_max_concurrency: int = 64, kv_cache_dtype: str = "auto", host_cache_size: int = 0,
+                      decoupled: bool = True, max_prompt_bytes: int | None = None,
+                      bls_response_timeout_s: float = 300.0,
                       cuda_graph_batch_sizes: tuple[int, ...] = (), nvfp4_gemm_allowed_backends: tuple[str, ...] = (),
                       overwrite: bool = False) -> Path:
     if flavour not in FLAVOURS:
@@ -102,8 +146,18 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
     max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
     if max_seq_len < 2:
         raise UserError(f"--max-seq-len {max_seq_len}: must be >= 2")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose a new --out or pass --overwrite")
+    if max_seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--max-seq-len {max_seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings} "
+                        f"of {model_dir / 'config.json'} (RoPE positions it was not trained for); use at most "
+                        f"{cfg.max_position_embeddings}")
+    for flag, v in (("--max-input-len", max_input_len), ("--max-output-len", max_output_len)):
+        if v is not None and not 0 < v < max_seq_len:
+            raise UserError(f"{flag} {v}: must be in [1, max_seq_len - 1 = {max_seq_len - 1}] (the prompt and the "
+                            "output share max_seq_len)")
+    if max_batch_size <= 0 or max_num_tokens <= 0 or tokens_per_block <= 0:
+        raise UserError(f"max_batch_size ({max_batch_size}), max_num_tokens ({max_num_tokens}) and tokens_per_block "
+                        f"({tokens_per_block}) must be positive")
+    check_output(out, overwrite, protect=(model_dir, tok_dir))
     windows = cfg.slot_windows(max_seq_len)
     values = {
         "triton_max_batch_size": max_batch_size,
@@ -133,9 +187,15 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "torch_threads": torch_threads,
         "python_path": str(Path(trtllm_loop.__file__).resolve().parent.parent),
         "bls_max_concurrency": bls_max_concurrency,
+        "decoupled_mode": str(bool(decoupled)).lower(),
+        # a generous byte bound checked before tokenizing: 64 bytes per accepted prompt token, at least 64 KiB
+        "max_prompt_bytes": max_prompt_bytes or max(65536, 64 * (max_input_len or max_seq_len - 1)),
+        "bls_response_timeout_s": f"{float(bls_response_timeout_s):g}",
     }
     tpl = templates_dir()
-    values["client_io"] = (tpl / "common" / "client_io.pbtxt").read_text()
+    client_io = (tpl / "common" / "client_io.pbtxt").read_text()
+    values["client_io"] = fill(client_io, {**values, "client_io_extra": ""}, "common/client_io.pbtxt")
+    values["bls_client_io"] = fill(client_io, {**values, "client_io_extra": BLS_EXTRA_IO}, "common/client_io.pbtxt")
     values["tensorrt_llm_io"] = fill((tpl / "common" / "tensorrt_llm_io.pbtxt").read_text(), values,
                                      "common/tensorrt_llm_io.pbtxt")
 
@@ -149,12 +209,14 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                          {"tensorrtllm": None, "llmapi": MODELS_SRC / "llmapi.py",
                           "reference": MODELS_SRC / "reference.py"}[flavour]),
     }
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite, protect=(model_dir, tok_dir)) as tmp:
         for name, (config_tpl, src) in models.items():
             d = tmp / name
             (d / "1").mkdir(parents=True)
             rel = config_tpl.relative_to(tpl)
-            (d / "config.pbtxt").write_text(fill(config_tpl.read_text(), values, str(rel)))
+            text = fill(config_tpl.read_text(), values, str(rel))
+            (d / "config.pbtxt").write_text(text)
+            check_parameters(config_tpl.read_text(), parse_config(d / "config.pbtxt"), values, str(rel))
             if src is not None:
                 shutil.copy2(src, d / "1" / "model.py")
                 shutil.copy2(TEXTPROC_SRC, d / "1" / "loop_text.py")
@@ -172,7 +234,8 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                 llm_args, model=llm_model, tensor_parallel_size=tensor_parallel_size,
                 triton_max_batch_size=max_batch_size).rstrip("\n")
             yaml_tpl = tpl / "llmapi/tensorrt_llm/model.yaml"
-            (tmp / "tensorrt_llm/1/model.yaml").write_text(fill(yaml_tpl.read_text(), values, "llmapi/model.yaml"))
+            (tmp / "tensorrt_llm/1/model.yaml").write_text(fill(yaml_tpl.read_text(), values, "llmapi/model.yaml",
+                                                                escape=False))
         (tmp / "README.txt").write_text(
             f"Triton model repository, flavour {flavour!r}, rendered by `trtllm-loop triton-repo`.\n"
             f"model: {model_dir}\ntokenizer: {tok_dir}\n" + (f"engine: {engine}\n" if engine else "") +
@@ -259,6 +322,6 @@ def validate_repository(repo: str | Path) -> dict:
         if a in configs and b in configs:
             ia = {(t.name, t.data_type, tuple(t.dims)) for t in configs[a].input}
             ib = {(t.name, t.data_type, tuple(t.dims)) for t in configs[b].input}
-            if ia != ib:
-                raise UserError(f"{repo}: {a} and {b} inputs differ: {sorted(ia ^ ib)}")
+            if not ia <= ib:
+                raise UserError(f"{repo}: {b} lacks inputs of {a}: {sorted(ia - ib)}")
     return configs

@@ -19,6 +19,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 from trtllm_loop.errors import UserError
@@ -30,6 +31,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def check_port_free(port: int, what: str) -> None:
+    """A clear error when ``port`` on 127.0.0.1 is taken (another server would answer our readiness probe)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError as e:
+            raise UserError(f"{what} port {port} on {HOST} is already in use ({e.strerror}): stop the process "
+                            f"listening there (e.g. `ss -ltnp 'sport = :{port}'`) or choose another port") from None
 
 
 def _bundled() -> tuple[Path, Path, Path]:
@@ -115,6 +126,8 @@ class TritonServer:
         self.stream_log = stream_log
         self.proc: subprocess.Popen | None = None
         self._log = None
+        # the id our server reports in its metadata: readiness counts only when this one answers
+        self.server_id = f"trtllm-loop-{uuid.uuid4().hex[:12]}"
 
     @property
     def http_url(self) -> str:
@@ -133,7 +146,7 @@ class TritonServer:
                f"--http-address={HOST}", f"--grpc-address={HOST}", f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
                f"--metrics-address={HOST}",  # every endpoint on loopback only
-               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
+               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}", f"--id={self.server_id}"]
         if loc["backends"]:
             cmd.append(f"--backend-directory={loc['backends']}")
         if loc["kind"] == "pytriton":  # no GPU/DCGM here: skip those collectors
@@ -143,6 +156,8 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> "TritonServer":
         loc = locate()
         self.kind = loc["kind"]
+        for what, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            check_port_free(port, what)
         if self.log_path:
             self._log = open(self.log_path, "wb")
             out = self._log
@@ -157,19 +172,38 @@ class TritonServer:
                 self.stop()
                 raise UserError(f"tritonserver exited with code {self.proc.returncode} while loading {self.repo}"
                                 f"{': ' + tail if tail else ''}")
-            if self.ready():
-                return self
+            try:
+                if self.ready():
+                    return self
+            except UserError:
+                self.stop()
+                raise
             time.sleep(0.25)
         tail = self.log_tail()
         self.stop()
         raise UserError(f"tritonserver not ready after {timeout:.0f} s{': ' + tail if tail else ''}")
 
+    def ours(self) -> bool:
+        """The server answering on our HTTP port is the one we started (its metadata names our ``--id``)."""
+        import json
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2", timeout=2) as r:
+                return json.loads(r.read()).get("name") == self.server_id
+        except Exception:
+            return False
+
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
+                if r.status != 200:
+                    return False
         except Exception:
             return False
+        if not self.ours():
+            raise UserError(f"another server answers on {self.http_url} (its metadata does not name "
+                            f"{self.server_id}): the port was taken after the check; choose another --http-port")
+        return True
 
     def live(self) -> bool:
         try:

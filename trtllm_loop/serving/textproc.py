@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+
 try:
     import loop_contract as contract  # rendered repository: 1/loop_contract.py
 except ImportError:  # pragma: no cover - running from the source tree
@@ -178,11 +180,13 @@ class Preprocessor:
     and ``tensorrt_llm_bls``: prompt rendering, tokenization, length checks, word lists, end/pad ids."""
 
     def __init__(self, tokenizer, model_eos=None, max_input_len: int = 0, max_output_len: int = 0,
-                 add_special_tokens: bool = False):
+                 add_special_tokens: bool = False, max_seq_len: int = 0, max_prompt_bytes: int = 0):
         self.tok = tokenizer
         self.eos = eos_ids(tokenizer, model_eos)
         self.max_input_len = int(max_input_len or 0)
         self.max_output_len = int(max_output_len or 0)
+        self.max_seq_len = int(max_seq_len or 0)
+        self.max_prompt_bytes = int(max_prompt_bytes or 0)
         self.add_special_tokens = add_special_tokens
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos[0])
@@ -198,11 +202,19 @@ class Preprocessor:
         if self.max_input_len and len(ids) > self.max_input_len:
             raise contract.RequestError(f"the prompt is {len(ids)} tokens long; this server accepts at most "
                                         f"{self.max_input_len} (max_input_len): shorten text_input")
+        contract.check_context(len(ids), req.max_tokens, self.max_seq_len)
         end = self.end_id if req.end_id is None else req.end_id
         stop_seqs = [s for s in (encode(self.tok, w) for w in req.stop_words) if s]
         stop_seqs += [[e] for e in self.eos if e != end]
         bad_seqs = [s for s in (encode(self.tok, w) for w in req.bad_words) if s]
+        bias = None
+        if req.embedding_bias:  # upstream's rule (preprocessing/1/model.py _get_embedding_bias): each token id of
+            bias = np.zeros(len(self.tok), dtype=np.float32)  # each word gets the word's weight added
+            for word, weight in req.embedding_bias:
+                for t in encode(self.tok, word):
+                    bias[t] += weight
         return {"input_ids": ids, "prompt": prompt, "max_tokens": req.max_tokens, "end_id": end,
+                "embedding_bias": bias,
                 "pad_id": self.pad_id if req.pad_id is None else req.pad_id,
                 "stop_words_list": contract.to_word_list(stop_seqs),
                 "bad_words_list": contract.to_word_list(bad_seqs), "stop_words": list(req.stop_words)}
@@ -215,7 +227,9 @@ def preprocessor_from_params(params: dict) -> "Preprocessor":
     return Preprocessor(load_tokenizer(tok_dir), model_eos_from_dir(tok_dir),
                         max_input_len=int(params.get("max_input_len") or 0),
                         max_output_len=int(params.get("max_output_len") or 0),
-                        add_special_tokens=(params.get("add_special_tokens") or "false").lower() == "true")
+                        add_special_tokens=(params.get("add_special_tokens") or "false").lower() == "true",
+                        max_seq_len=int(params.get("max_seq_len") or 0),
+                        max_prompt_bytes=int(params.get("max_prompt_bytes") or 0))
 
 
 def model_eos_from_dir(model_dir: str):

@@ -7,8 +7,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    import loop_contract as rq  # rendered repository: 1/loop_contract.py
     import loop_text as lt
 except ImportError:  # pragma: no cover
+    from trtllm_loop.serving import contract as rq
     from trtllm_loop.serving import textproc as lt
 
 
@@ -17,23 +19,20 @@ class TritonPythonModel:
         params = lt.parameters(json.loads(args["model_config"]))
         self.tok = lt.load_tokenizer(params.get("tokenizer_dir", ""))
         self.text = lt.PieceText(self.tok, params.get("skip_special_tokens", "true").lower() == "true")
+        self.vocab = len(self.tok)
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
 
     def _one(self, request):
         try:
-            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-            lens = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
-            if tokens.ndim == 2:  # [batch, tokens] without a beam axis
-                tokens = tokens[:, None, :]
-            lens = lens.reshape(tokens.shape[0], -1)
-            out = np.empty((tokens.shape[0], tokens.shape[1]), dtype=object)
-            for b in range(tokens.shape[0]):
-                for beam in range(tokens.shape[1]):
-                    n = int(lens[b, beam]) if beam < lens.shape[1] else tokens.shape[2]
-                    out[b, beam] = self.text(tokens[b, beam, :n].tolist()).encode("utf-8")
-        except Exception as e:  # this request fails alone
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                f"postprocessing: {type(e).__name__}: {e}"))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)])
+            inp = rq.Inputs.of(request, pb_utils)
+            rows = rq.output_token_rows(inp.get("TOKENS_BATCH"), inp.get("SEQUENCE_LENGTH"), self.vocab)
+            out = np.empty((len(rows), max(len(r) for r in rows)), dtype=object)
+            for b, beams in enumerate(rows):
+                for beam, ids in enumerate(beams):
+                    out[b, beam] = self.text(ids).encode("utf-8")
+        except Exception as e:  # this request fails alone, with one line; the trace goes to the server log
+            return rq.error_response(pb_utils, e, "postprocessing", pb_utils.Logger.log_error)
+        # one string per sequence, flattened as upstream's postprocessing does (its clients read output[0] as bytes)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out.reshape(-1))])

@@ -27,9 +27,10 @@ class TritonPythonModel:
     def _one(self, request):
         try:
             inp = rq.Inputs.of(request, pb_utils, rq.PREPROCESSING_NAMES)
-            rows = [self.pre.prepare(r) for r in rq.parse_text_requests(inp, max_output_len=self.pre.max_output_len)]
-        except Exception as e:  # this request fails alone
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(rq.error_text(e, "preprocessing")))
+            rows = [self.pre.prepare(r) for r in rq.parse_text_requests(
+                inp, max_output_len=self.pre.max_output_len, max_prompt_bytes=self.pre.max_prompt_bytes)]
+        except Exception as e:  # this request fails alone, with one line; the trace goes to the server log
+            return rq.error_response(pb_utils, e, "preprocessing", pb_utils.Logger.log_error)
         batch = len(rows)
         L = max(len(r["input_ids"]) for r in rows)
         ids = np.array([r["input_ids"] + [r["pad_id"]] * (L - len(r["input_ids"])) for r in rows], dtype=np.int32)
@@ -42,7 +43,20 @@ class TritonPythonModel:
             return out
 
         col = lambda key: np.array([[r[key]] for r in rows], dtype=np.int32)  # noqa: E731
-        return pb_utils.InferenceResponse(output_tensors=[
+        biases = [r["embedding_bias"] for r in rows]
+        if any(b is not None for b in biases):
+            n = len(self.tok)
+            bias = np.stack([np.zeros(n, np.float32) if b is None else b for b in biases])
+        else:  # no bias: an empty row per prompt, as upstream sends
+            bias = np.zeros((batch, 0), np.float32)
+        extra = []
+        pt = inp.get("prompt_table_extra_id")
+        if pt is not None and pt.size:  # upstream: the extra id on every prompt-table token (id >= vocab), else 0
+            pt = np.asarray(pt, dtype=np.uint64).reshape(batch, -1)[:, :1]
+            extra = [pb_utils.Tensor("OUT_PROMPT_TABLE_EXTRA_IDS",
+                                     np.where(ids >= len(self.tok), pt, 0).astype(np.uint64))]
+        return pb_utils.InferenceResponse(output_tensors=extra + [
+            pb_utils.Tensor("EMBEDDING_BIAS", bias),
             pb_utils.Tensor("INPUT_ID", ids),
             pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(r["input_ids"])] for r in rows], dtype=np.int32)),
             pb_utils.Tensor("REQUEST_OUTPUT_LEN", col("max_tokens")),

@@ -9,8 +9,16 @@
   are returned;
 * cancellation: a client that cancels its stream (``response_sender.is_cancelled()``), or a request with
   ``stop=true`` and the same request id (TRT-LLM's way; used by the BLS model);
-* bad requests get a Triton error naming the input; the engine keeps serving the others.
+* bad requests get a Triton error naming the input (INVALID_ARG, HTTP 400); the engine keeps serving the others;
+* a failure inside the engine (a step raising) fails only the request that caused it: the step's requests are
+  taken out of the runtime, each is re-run alone from its prompt plus the tokens it already has (greedy output
+  is unchanged; a seeded sampler restarts its generator), the one whose solo step fails gets the error (one line
+  to the client, the trace in the server log) and the others go on batched;
+* ``decoupled: false`` (``--decoupled false``): one response per request, ``streaming=true`` is refused;
+* a ``request_output_len`` over what fits in ``max_seq_len`` is cut like TRT-LLM does, with a warning in the
+  server log (the client-contract models refuse it instead: ``contract.check_context``).
 """
+import dataclasses
 import json
 import os
 import queue
@@ -31,45 +39,100 @@ except ImportError:  # pragma: no cover - running from the source tree
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05
 # tensorrt_llm inputs the paged runtime has no counterpart for (rq.LLMRequest.features names)
+# (log probs, context / generation logits, perf metrics and token counts it returns: rq.RETURN_FLAGS, COUNT_FLAGS)
 UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "min_tokens", *rq.RETURN_FLAGS, "embedding_bias", "bad_words_list")
+               "min_tokens", "embedding_bias", "bad_words_list")
+LOGIT_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
 
 class _Active:
-    __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak")
+    __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak", "sp",
+                 "counts", "returns", "rows", "skip_rows", "logprobs", "sent_rows", "sent_lp", "times", "blocks")
 
-    def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id):
+    def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id, sp=None):
         self.sender, self.streaming, self.exclude = sender, streaming, exclude
         self.prompt, self.end_id, self.triton_id = prompt, end_id, triton_id
+        self.sp = sp
+        self.counts = ()
+        self.returns = ()
+        self.rows: list = []       # logits rows of every position so far (when logits or log probs are asked for)
+        self.skip_rows = 0         # rows a continuation recomputes that we already have
+        self.logprobs: list[float] = []
+        self.sent_rows = self.sent_lp = 0
+        self.times = {"arrival_time_ns": time.time_ns()}
+        self.blocks = 0
         self.output: list[int] = []
         self.rid = None
         self.peak = 0  # largest in-flight batch this request was part of
 
 
-def _ids_response(ids: list[int]):
+def _ids_response(ids: list[int], a=None):
     arr = np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids))
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", arr),
-        pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-        pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
-        pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32)),
-    ])
+    out = [pb_utils.Tensor("output_ids", arr),
+           pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+           pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
+           pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32))]
+    counts = a.counts if a is not None else ()
+    if a is not None:
+        out += _returned(a)
+    if "return_num_input_tokens" in counts:
+        out.append(pb_utils.Tensor("num_input_tokens", np.array([[len(a.prompt)]], dtype=np.int32)))
+    if "return_num_output_tokens" in counts:  # generated so far
+        out.append(pb_utils.Tensor("num_output_tokens", np.array([[len(a.output)]], dtype=np.int32)))
+    return pb_utils.InferenceResponse(output_tensors=out)
 
 
-def _log(msg: str):
+def _returned(a) -> list:
+    """The outputs ``a`` asked for with its RETURN_FLAGS, for what is new since its last response."""
+    out = []
+    want = a.returns
+    n_prompt = len(a.prompt)
+    if "return_log_probs" in want:
+        lp = a.logprobs[a.sent_lp:len(a.output)]
+        out += [pb_utils.Tensor("output_log_probs", np.array([[lp]], dtype=np.float32).reshape(1, 1, len(lp))),
+                pb_utils.Tensor("cum_log_probs", np.array([[sum(a.logprobs[:len(a.output)])]], dtype=np.float32))]
+    if "return_context_logits" in want and a.sent_rows == 0 and len(a.rows) >= n_prompt:
+        out.append(pb_utils.Tensor("context_logits", np.stack(a.rows[:n_prompt])[None].astype(np.float32)))
+    if "return_generation_logits" in want:
+        # row n_prompt - 1 + i produced generated token i
+        start, end = n_prompt - 1 + a.sent_lp, n_prompt - 1 + len(a.output)
+        g = np.stack(a.rows[start:end]) if end > start else np.zeros((0, 0), np.float32)
+        out.append(pb_utils.Tensor("generation_logits", g[None, None].astype(np.float32)))
+    if "return_perf_metrics" in want:
+        t = a.times
+        out += [pb_utils.Tensor(k, np.array([[t.get(k, 0)]], dtype=np.int64)) for k in (
+            "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")]
+        out += [pb_utils.Tensor("kv_cache_alloc_new_blocks", np.array([[a.blocks]], dtype=np.int32)),
+                pb_utils.Tensor("kv_cache_reused_blocks", np.array([[0]], dtype=np.int32)),  # no prefix reuse
+                pb_utils.Tensor("kv_cache_alloc_total_blocks", np.array([[a.blocks]], dtype=np.int32)),
+                pb_utils.Tensor("acceptance_rate", np.array([[0.0]], dtype=np.float32)),  # no speculative decoding
+                pb_utils.Tensor("total_accepted_draft_tokens", np.array([[0]], dtype=np.int32)),
+                pb_utils.Tensor("total_draft_tokens", np.array([[0]], dtype=np.int32))]
+    a.sent_lp = len(a.output)
+    a.sent_rows = len(a.rows)
+    return out
+
+
+def _log(msg: str, level: str = "log_info"):
     try:
-        pb_utils.Logger.log_info(msg)
+        getattr(pb_utils.Logger, level)(msg)
     except Exception:
         pass
 
 
-def _error(msg: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg))
+def _log_error(msg: str):
+    _log(msg, "log_error")
+
+
+def _error(exc: BaseException):
+    return rq.error_response(pb_utils, exc, "tensorrt_llm", _log_error)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = lt.parameters(json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        params = lt.parameters(config)
+        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
         path = params.get("python_path")
         if path and path not in sys.path:
             try:
@@ -126,11 +189,19 @@ class TritonPythonModel:
                     continue
                 req = rq.parse_llm_request(inp, default_exclude=self.default_exclude, vocab_size=self.vocab,
                                            max_seq_len=self.max_seq_len)
+                if req.streaming and not self.decoupled:
+                    raise rq.RequestError("streaming=true needs the decoupled tensorrt_llm model: render the "
+                                          "repository with `trtllm-loop triton-repo --decoupled true`")
                 sp = self._sampling_params(req)
             except Exception as e:
-                sender.send(_error(rq.error_text(e, "tensorrt_llm")), flags=FINAL)
+                sender.send(_error(e), flags=FINAL)
                 continue
-            a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id())
+            if req.asked_len > req.output_len:
+                _log(f"tensorrt_llm: request {request.request_id()!r}: request_output_len {req.asked_len} cut to "
+                     f"{req.output_len} to fit max_seq_len {self.max_seq_len} with its {len(req.input_ids)} prompt "
+                     "tokens", "log_warn")
+            a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id(), sp)
+            a.counts, a.returns = req.counts, req.returns
             self.inbox.put(("add", a, sp))
         return None
 
@@ -152,15 +223,61 @@ class TritonPythonModel:
                         a.peak = max(a.peak, batch)
                 for o in outs:
                     self._emit(o)
-            except Exception as e:  # keep serving: fail the active requests, not the model
-                for a in list(self.active.values()):
-                    self._safe_send(a, _error(f"tensorrt_llm: engine error: {type(e).__name__}: {e}"), FINAL)
-                    try:
-                        self.rt.cancel(a.rid)
-                    except Exception:
-                        pass
-                self.active.clear()
+            except Exception as e:  # keep serving: find the request that fails, fail it alone
+                _log_error(rq.error_text(e, "tensorrt_llm: engine step failed", _log_error)
+                           + f"; isolating it among {len(self.active)} requests")
+                try:
+                    self._isolate()
+                except Exception as e2:  # pragma: no cover - last resort: fail the rest, keep the model
+                    for a in list(self.active.values()):
+                        self._safe_send(a, _error(e2), FINAL)
+                    self.active.clear()
+                    self._reset_runtime()
+
+    # ------------------------------------------------------------------ engine failures
+    def _continue(self, a):
+        """(Re-)add ``a`` to the runtime from its prompt plus the tokens it already has."""
+        left = a.sp.max_tokens - len(a.output)
+        a.skip_rows = len(a.rows)  # the re-prefill recomputes rows we have
+        a.rid = self.rt.add_request(a.prompt + a.output, dataclasses.replace(a.sp, max_tokens=left),
+                                    return_logits=self._wants_logits(a))
+        self.active[a.rid] = a
+
+    @staticmethod
+    def _wants_logits(a) -> bool:
+        return any(f in a.returns for f in LOGIT_FLAGS)
+
+    def _isolate(self):
+        """After a failed step: run each of its requests alone for one token; the ones that fail alone get the
+        error, the others are re-added together."""
+        suspects = list(self.active.values())
+        self.active.clear()
+        self._reset_runtime()
+        survivors = []
+        for a in suspects:
+            try:
+                self._continue(a)
+                for _ in range(len(a.prompt + a.output) // max(self.rt.max_num_tokens, 1) + 3):  # bounded
+                    before = len(a.output)
+                    for o in self.rt.step():
+                        self._emit(o)
+                    if a.rid not in self.active or len(a.output) > before:
+                        break
+            except Exception as e:
+                self.active.pop(a.rid, None)
+                self._safe_send(a, _error(e), FINAL)
+                _log_error(f"tensorrt_llm: request {a.triton_id!r} failed alone and was ended with the error")
                 self._reset_runtime()
+                continue
+            if a.rid in self.active:  # passed: out of the runtime until every suspect has run
+                self.active.pop(a.rid)
+                self._reset_runtime()
+                survivors.append(a)
+        for a in survivors:
+            try:
+                self._continue(a)
+            except Exception as e:
+                self._safe_send(a, _error(e), FINAL)
 
     def _reset_runtime(self):
         # drop whatever the failed step left behind
@@ -181,16 +298,22 @@ class TritonPythonModel:
             if item[0] == "add":
                 _, a, sp = item
                 try:
-                    a.rid = self.rt.add_request(a.prompt, sp)
+                    a.rid = self.rt.add_request(a.prompt, sp, return_logits=self._wants_logits(a))
+                    a.times["first_scheduled_time_ns"] = time.time_ns()
+                    a.blocks = self.rt.cfg.pool_blocks_per_sequence(
+                        None, self.rt.cache.tpb, min(len(a.prompt) + sp.max_tokens, self.max_seq_len))
                     self.active[a.rid] = a
                 except ValueError as e:
-                    self._safe_send(a, _error(f"tensorrt_llm: {e}"), FINAL)
+                    self._safe_send(a, _error(rq.RequestError(f"tensorrt_llm: {e}")), FINAL)
             elif item[0] == "stop":
                 _, triton_id, sender = item
                 for a in list(self.active.values()):
                     if triton_id and a.triton_id == triton_id:
                         self.rt.cancel(a.rid)
-                sender.send(flags=FINAL)
+                try:  # a non-decoupled model must send a response with its final flag
+                    sender.send(None if self.decoupled else _ids_response([]), flags=FINAL)
+                except Exception:
+                    pass
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -225,20 +348,35 @@ class TritonPythonModel:
         if a is None:
             return
         new = list(o.token_ids)
+        if o.logits is not None:
+            rows = [r.numpy() for r in o.logits.float()]
+            if a.skip_rows:
+                k = min(a.skip_rows, len(rows))
+                rows, a.skip_rows = rows[k:], a.skip_rows - k
+            a.rows += rows
+            if new:  # the last row produced the sampled token (TRT-LLM's log probs: of the raw logits)
+                import torch
+
+                lp = torch.log_softmax(o.logits[-1].float(), -1)[new[-1]]
+                a.logprobs.append(float(lp))
+        if new:
+            now = time.time_ns()
+            a.times.setdefault("first_token_time_ns", now)
+            a.times["last_token_time_ns"] = now
         if o.finished and o.finish_reason == "stop" and new and a.end_id is not None and new[-1] == a.end_id:
             new = new[:-1]  # TRT-LLM does not return end_id
         a.output += new
         if a.streaming:
             if new and not o.finished:
-                self._safe_send(a, _ids_response(new))
+                self._safe_send(a, _ids_response(new, a))
             elif o.finished:
-                if new:
-                    self._safe_send(a, _ids_response(new), FINAL)
+                if new or a.counts or a.returns:
+                    self._safe_send(a, _ids_response(new, a), FINAL)
                 else:
                     self._safe_send(a, None, FINAL)
         elif o.finished:
             ids = a.output if a.exclude else a.prompt + a.output
-            self._safe_send(a, _ids_response(ids), FINAL)
+            self._safe_send(a, _ids_response(ids, a), FINAL)
         if o.finished:
             self.active.pop(o.request_id, None)
             _log(f"tensorrt_llm: request {a.triton_id or o.request_id!r} finished ({o.finish_reason}) after "
