@@ -70,3 +70,9 @@ def test_runtime_stops_on_eos_list(tiny_ckpt):
     got = [t for e in events for t in e.token_ids]
     assert got == free[: free.index(free[2]) + 1]
     assert events[-1].finished and events[-1].finish_reason == "stop" and events[-1].request_id == rid
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_runtime_refuses_non_finite_or_negative_temperature(bad):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        SamplingParams(temperature=bad).validate()
