@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the build config's)")
     p.add_argument("--weights", choices=["link", "copy", "symlink"], default="link",
                    help="link = hard link (copy across filesystems)")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory with the tokenizer files (tokenizer_config.json + tokenizer.model or "
+                        "tokenizer.json) when CKPT has none; copied into the deploy directory")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
@@ -27,10 +30,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from trtllm_loop.trtllm.deploy import build
 
-    info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force)
+    info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force,
+                 tokenizer=args.tokenizer)
     print(f"wrote {args.out}: target {info['target']}, {info['weight_format']} weights, TP {info['tensor_parallel_size']}, "
           f"{info['kv_layers']} KV layers over {info['physical_layers']} decoder layers")
     for w in info["checkpoint_warnings"]:
         print(f"warning: {w}")
-    print(f"serve with: {args.out}/serve.sh")
+    print(f"serve with: {args.out}/serve.sh (trtllm-serve) or trtllm-loop serve {args.out}/triton_repo (Triton)")
     return 0
