@@ -326,8 +326,7 @@ def test_every_target_hosts_the_released_40b_model(path):
 TEMPLATE_DIR = REPO / "trtllm_loop" / "trtllm" / "deploy" / "templates"
 RENDERED = {"serve.sh": "serve.sh", "env.sh": "env.sh", "launch_triton.sh": "launch_triton.sh",
             "custom_module_init.py.tpl": "custom_modules/iquest_loop/__init__.py",
-            "sitecustomize.py.tpl": "triton_hooks/sitecustomize.py",
-            "triton_config.pbtxt": "triton_repo/tensorrt_llm/config.pbtxt"}
+            "sitecustomize.py.tpl": "triton_hooks/sitecustomize.py"}  # triton_repo/: the Triton renderer's
 
 
 def test_templates_are_package_data():

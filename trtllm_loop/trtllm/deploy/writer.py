@@ -139,6 +139,11 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         raise UserError(f"--weights {weights!r}: allowed link (hard link, copy across filesystems), copy, symlink")
     opts = llm_api_options(bc, cfg, fmt)
     tok = _tokenizer_dir(ckpt, tokenizer)
+    try:  # the Triton renderer checks every config.pbtxt with tritonclient's ModelConfig protobuf
+        import tritonclient.grpc.model_config_pb2  # noqa: F401
+    except ImportError:
+        raise UserError("build writes and checks a Triton repository (triton_repo/) with tritonclient, which is not "
+                        "installed: pip install -e '.[serving]' (or pip install 'tritonclient[grpc]')") from None
     with atomic_dir(out, overwrite=force, hint="pass --force to replace it") as tmp:
         _copy_checkpoint(ckpt, tmp, cfg, bc, files, weights)
         for f in sorted(tok.iterdir()):  # a tokenizer given apart from the checkpoint (--tokenizer)
