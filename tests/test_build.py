@@ -2,10 +2,12 @@
 refused with a message naming the fix."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -31,6 +33,16 @@ EXPECTED_NVFP4_GEMM = {"b200": ["cutlass", "cublaslt", "cuda_core"], "rtx-pro-60
                        "gb10": ["cublaslt"], "h100-fp8": None, "h200-fp8": None}
 
 
+@functools.lru_cache(maxsize=None)
+def _tok() -> Path:
+    """The fixtures carry no tokenizer (ModelOpt's exports); `build --tokenizer` gets the demo one."""
+    from trtllm_loop.synth.tokenizer import write_tokenizer
+
+    d = Path(tempfile.mkdtemp(prefix="build-tok-"))
+    write_tokenizer(d, 512)  # only copied here (the fixtures have 128 ids: never served)
+    return d
+
+
 def test_every_target_has_a_config():
     assert {p.stem for p in CONFIGS} == {"b200", "gb10", "rtx-pro-6000", "h200-fp8", "h100-fp8"}
 
@@ -41,7 +53,7 @@ def deployed(request, tmp_path_factory):
     bc = load_build_config(cfg_path)
     ckpt = CKPT_FOR[bc.weight_formats[0]]
     out = tmp_path_factory.mktemp(request.param) / "deploy"
-    info = build(ckpt, cfg_path, out)
+    info = build(ckpt, cfg_path, out, tokenizer=_tok())
     return bc, ckpt, out, info
 
 
@@ -78,8 +90,25 @@ def test_deploy_dir_is_complete_and_its_yaml_loads(deployed):
         assert "nvfp4_gemm_config" not in opts
     model_yaml = yaml.safe_load((out / "triton_repo/tensorrt_llm/1/model.yaml").read_text())
     assert model_yaml["backend"] == "pytorch" and Path(model_yaml["model"]) == out.resolve()
-    assert model_yaml["kv_cache_config"] == kv and model_yaml["triton_config"]["max_batch_size"] == 0
+    assert model_yaml["kv_cache_config"] == kv and model_yaml["triton_config"]["max_batch_size"] == bc.max_batch_size
     assert model_yaml["triton_config"]["decoupled"] is True  # TRT-LLM's llmapi model.py streams only when decoupled
+    assert {k: v for k, v in model_yaml.items() if k not in ("model", "backend", "tensor_parallel_size",
+                                                             "pipeline_parallel_size", "triton_config")} == opts
+    # a complete Triton repository (issue 9 item 3): every model of the client contract, each Python model with
+    # its 1/model.py, every path naming the final deploy directory (never the temporary one it was written in)
+    tri = out / "triton_repo"
+    assert sorted(p.name for p in tri.iterdir() if p.is_dir()) == [
+        "ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"]
+    for m in ("preprocessing", "postprocessing", "tensorrt_llm_bls", "tensorrt_llm"):
+        assert (tri / m / "1" / "model.py").is_file(), m
+    assert "tensorrt_llm.LLM" in (tri / "tensorrt_llm/1/model.py").read_text()  # the llmapi model, not reference
+    from trtllm_loop.serving.render import validate_repository
+    configs = validate_repository(tri)
+    assert configs["tensorrt_llm"].max_batch_size == bc.max_batch_size
+    tok_param = configs["preprocessing"].parameters["tokenizer_dir"].string_value
+    assert Path(tok_param) == out.resolve() and (Path(tok_param) / "tokenizer_config.json").is_file()
+    assert not re.findall(r"/\.deploy\.", "".join(p.read_text() for p in tri.rglob("*.pbtxt")))
+    assert not re.findall(r"/\.deploy\.", (tri / "tensorrt_llm/1/model.yaml").read_text())
 
     env = (out / "env.sh").read_text()
     shares = [float(x) for x in env.split("TRTLLM_WINDOW_SIZE_SHARES=")[1].split()[0].split(",")]
@@ -118,7 +147,7 @@ def test_serve_sh_single_gpu_tp_and_multinode(deployed, tmp_path):
 def test_custom_module_dir_registers_the_model(tmp_path):
     """What trtllm-serve --custom_module_dirs does: import the package, then find the architecture."""
     out = tmp_path / "deploy"
-    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out)
+    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, tokenizer=_tok())
     code = ("import sys, iquest_loop; from tensorrt_llm._torch.models.modeling_utils import MODEL_CLASS_MAPPING; "
             "import trtllm_loop; print(MODEL_CLASS_MAPPING['IQuestLoopCoderForCausalLM'].__module__, "
             "trtllm_loop.__file__)")
@@ -132,6 +161,7 @@ def test_custom_module_dir_registers_the_model(tmp_path):
 
 # ------------------------------------------------------------------------------------------ refusals
 def _refused(*args, match, **kw):
+    kw.setdefault("tokenizer", _tok())
     with pytest.raises(UserError, match=match):
         build(*args, **kw)
 
@@ -157,6 +187,15 @@ def test_compressed_tensors_and_bad_tp_refused(tmp_path):
              match=r"tensor parallel size 3 must divide.*allowed: \[1, 2\]")
 
 
+def test_a_checkpoint_without_tokenizer_needs_one(tmp_path):
+    """The deploy directory's Triton repository tokenizes text: no tokenizer -> a refusal naming the fix."""
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o", tokenizer=None,
+             match=r"modelopt_nvfp4: no tokenizer \(tokenizer_config.json.*pass --tokenizer DIR")
+    _refused(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o", tokenizer=tmp_path,
+             match=rf"--tokenizer {tmp_path}: no tokenizer")
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_out_needs_force(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -168,9 +207,10 @@ def test_existing_out_needs_force(tmp_path):
              match="not written by trtllm-loop")
     assert (out / "keep").read_text() == "x"
     (out / "keep").unlink()
-    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out)  # an empty directory is fine
+    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, tokenizer=_tok())  # empty: fine
     (out / "serve.sh").write_text("edited")
-    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True, weights="copy")
+    build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", out, force=True, weights="copy",
+          tokenizer=_tok())
     assert (out / "serve.sh").read_text() != "edited"
     assert os.stat(out / "model.safetensors").st_ino != os.stat(FIX / "modelopt_nvfp4/model.safetensors").st_ino
 
@@ -180,7 +220,7 @@ def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(deploy.writer, "_copy_package", boom)
     with pytest.raises(OSError):
-        build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o")
+        build(FIX / "modelopt_nvfp4", REPO / "build_configs/b200.yaml", tmp_path / "o", tokenizer=_tok())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -267,7 +307,8 @@ def test_bf16_40b_does_not_fit_one_h100():
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_build_and_error(tmp_path, capsys):
     rc = main(["build", str(FIX / "modelopt_nvfp4"), "--backend", "pytorch", "--config",
-               str(REPO / "build_configs/rtx-pro-6000.yaml"), "--out", str(tmp_path / "d"), "--tp", "2"])
+               str(REPO / "build_configs/rtx-pro-6000.yaml"), "--out", str(tmp_path / "d"), "--tp", "2",
+               "--tokenizer", str(_tok())])
     assert rc == 0
     assert "TP 2" in capsys.readouterr().out
     assert json.loads((tmp_path / "d/build_info.json").read_text())["tensor_parallel_size"] == 2
@@ -292,8 +333,7 @@ def test_every_target_hosts_the_released_40b_model(path):
 TEMPLATE_DIR = REPO / "trtllm_loop" / "trtllm" / "deploy" / "templates"
 RENDERED = {"serve.sh": "serve.sh", "env.sh": "env.sh", "launch_triton.sh": "launch_triton.sh",
             "custom_module_init.py.tpl": "custom_modules/iquest_loop/__init__.py",
-            "sitecustomize.py.tpl": "triton_hooks/sitecustomize.py",
-            "triton_config.pbtxt": "triton_repo/tensorrt_llm/config.pbtxt"}
+            "sitecustomize.py.tpl": "triton_hooks/sitecustomize.py"}  # triton_repo/: the Triton renderer's
 
 
 def test_templates_are_package_data():
@@ -366,8 +406,8 @@ def test_build_and_llmapi_renderer_write_the_same_llm_api_arguments(deployed, tm
     deployed_yaml = yaml.safe_load((out / "triton_repo/tensorrt_llm/1/model.yaml").read_text())
     assert {k: v for k, v in deployed_yaml.items() if k != "triton_config"} == \
         {k: v for k, v in rendered.items() if k != "triton_config"}
-    # TRT-LLM's model.py takes one prompt per request (max_batch_size 0); ours batches up to the config's value
-    assert deployed_yaml["triton_config"] == dict(rendered["triton_config"], max_batch_size=0)
+    # the deploy directory's repository is rendered by the same renderer: identical model.yaml
+    assert deployed_yaml == rendered
     assert rendered["triton_config"]["max_batch_size"] == bc.max_batch_size
 
 
@@ -401,7 +441,7 @@ def test_tp_rule_with_and_without_kv_replication():
 def test_deploy_tp_follows_the_weight_format(tmp_path):
     """4 ranks over the tiny model's 2 KV heads: a dense checkpoint replicates them, a quantized one cannot."""
     out = tmp_path / "dense"
-    build(FIX / "source", REPO / "build_configs/b200.yaml", out, tp=4)
+    build(FIX / "source", REPO / "build_configs/b200.yaml", out, tp=4, tokenizer=_tok())
     r = subprocess.run(["bash", str(out / "serve.sh"), "--tp", "4"], env=dict(os.environ, DRY_RUN="1"),
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--tp_size 4" in r.stdout, r.stderr

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from trtllm_loop.commands.argtypes import add_force, positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,20 +19,24 @@ def register(subparsers) -> None:
                    help="TensorRT-LLM backend (the TensorRT engine flow is legacy in 1.2.x)")
     p.add_argument("--config", required=True, help="build config, e.g. build_configs/b200.yaml")
     p.add_argument("--out", required=True, help="deploy directory to write")
-    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the build config's)")
+    p.add_argument("--tp", type=positive_int, default=None, help="tensor parallel size (default: the build config's)")
     p.add_argument("--weights", choices=["link", "copy", "symlink"], default="link",
                    help="link = hard link (copy across filesystems)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory with the tokenizer files (tokenizer_config.json + tokenizer.model or "
+                        "tokenizer.json) when CKPT has none; copied into the deploy directory")
+    add_force(p, "--out")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from trtllm_loop.trtllm.deploy import build
 
-    info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force)
+    info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force,
+                 tokenizer=args.tokenizer)
     print(f"wrote {args.out}: target {info['target']}, {info['weight_format']} weights, TP {info['tensor_parallel_size']}, "
           f"{info['kv_layers']} KV layers over {info['physical_layers']} decoder layers")
     for w in info["checkpoint_warnings"]:
         print(f"warning: {w}")
-    print(f"serve with: {args.out}/serve.sh")
+    print(f"serve with: {args.out}/serve.sh (trtllm-serve) or trtllm-loop serve {args.out}/triton_repo (Triton)")
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from trtllm_loop.commands.argtypes import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--gpu", action="store_true", help="run on the installed TensorRT-LLM and a GPU")
     p.add_argument("--config", default=None,
                    help="build config to start from (default: built-in B200-like settings scaled to the tiny model)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (simulated ranks on the double)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size (simulated ranks on the double)")
     p.add_argument("--work", default=None, help="keep the model, deploy dir and report.json here")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="write the machine-readable report here (per phase prefill/decode: max |delta|, window-edge "

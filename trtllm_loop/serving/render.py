@@ -122,7 +122,12 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                       decoupled: bool = True, max_prompt_bytes: int | None = None,
                       bls_response_timeout_s: float = 300.0,
                       cuda_graph_batch_sizes: tuple[int, ...] = (), nvfp4_gemm_allowed_backends: tuple[str, ...] = (),
+                      llm_args: dict | None = None, paths_as: tuple | None = None,
                       overwrite: bool = False) -> Path:
+    """``llm_args`` (llmapi): the ``LLM(**kwargs)`` arguments as ``trtllm_loop.trtllm.deploy.llm_args`` made them
+    for a build config (``trtllm-loop build``); default: :func:`llm_api_args` of the options here.
+    ``paths_as=(staging, final)``: a directory under ``staging`` is written into the repository as the same path
+    under ``final`` (``build`` renders inside its temporary deploy directory, renamed at the end)."""
     if flavour not in FLAVOURS:
         raise UserError(f"--flavour {flavour!r} unknown; choose one of {', '.join(FLAVOURS)}")
     model_dir = Path(model_dir).resolve()
@@ -159,13 +164,18 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                         f"({tokens_per_block}) must be positive")
     check_output(out, overwrite, protect=(model_dir, tok_dir))
     windows = cfg.slot_windows(max_seq_len)
+
+    def served(p: Path) -> str:
+        if paths_as and Path(p).is_relative_to(Path(paths_as[0]).resolve()):
+            return str(Path(paths_as[1]).resolve() / Path(p).relative_to(Path(paths_as[0]).resolve()))
+        return str(p)
     values = {
         "triton_max_batch_size": max_batch_size,
         "max_queue_delay_microseconds": 0 if flavour != "reference" else 1000,
         "max_queue_size": 0,
         "logits_datatype": "TYPE_FP32",
-        "tokenizer_dir": str(tok_dir),
-        "model_dir": str(model_dir),
+        "tokenizer_dir": served(tok_dir),
+        "model_dir": served(model_dir),
         "engine_dir": str(engine) if engine else "",
         "preprocessing_instance_count": 1,
         "postprocessing_instance_count": 1,
@@ -223,7 +233,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                 shutil.copy2(SERVING_DIR / "contract.py", d / "1" / "loop_contract.py")
         if flavour == "llmapi":
             # the LLM-API arguments come from the one generator `trtllm-loop build` uses as well
-            llm_args = llm_api_args(
+            llm_args = llm_args or llm_api_args(
                 cfg, max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
                 free_gpu_memory_fraction=kv_cache_free_gpu_mem_fraction, enable_block_reuse=enable_kv_cache_reuse,
                 host_cache_size=host_cache_size, kv_cache_dtype=kv_cache_dtype, cuda_graph=cuda_graph_mode,
@@ -238,7 +248,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                                                                 escape=False))
         (tmp / "README.txt").write_text(
             f"Triton model repository, flavour {flavour!r}, rendered by `trtllm-loop triton-repo`.\n"
-            f"model: {model_dir}\ntokenizer: {tok_dir}\n" + (f"engine: {engine}\n" if engine else "") +
+            f"model: {served(model_dir)}\ntokenizer: {served(tok_dir)}\n" + (f"engine: {engine}\n" if engine else "") +
             "serve: trtllm-loop serve <this dir>; models: ensemble, tensorrt_llm_bls (client contract), "
             "preprocessing, tensorrt_llm, postprocessing\n")
         validate_repository(tmp)

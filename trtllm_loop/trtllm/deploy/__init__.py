@@ -21,7 +21,8 @@ Layout written (into a temporary sibling directory, renamed into place at the en
       serve.sh                 trtllm-serve launcher, single GPU, TP on one node, or TP across nodes (MPI)
       python/                  a copy of the trtllm_loop package (the custom model code)
       custom_modules/iquest_loop/__init__.py   the --custom_module_dirs package that registers the model
-      triton_repo/tensorrt_llm/{config.pbtxt,1/model.yaml}  Triton ``llmapi`` model repository (not named
+      triton_repo/             the complete Triton ``llmapi`` repository (ensemble, pre/post-processing, BLS,
+                               tensorrt_llm + 1/model.yaml), rendered by ``trtllm_loop.serving.render`` (not named
                                "triton": a directory of that name on sys.path shadows the triton package)
       launch_triton.sh, triton_hooks/sitecustomize.py   start Triton with the model registered
       memory_plan.json, build_info.json

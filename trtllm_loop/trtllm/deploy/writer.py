@@ -13,17 +13,20 @@ import yaml
 import trtllm_loop
 from trtllm_loop.config import ARCHITECTURE, ConfigError, LoopConfig
 from trtllm_loop.errors import UserError
-from trtllm_loop.fsutil import atomic_dir
+from trtllm_loop.fsutil import atomic_dir, check_output
 
 from .build_config import BuildConfig, load_build_config
 from .formats import allowed_tp, check_combination, replicate_kv, weight_format
-from .llm_args import REGISTER_MODULE, llm_api_options, triton_model_yaml
+from .llm_args import REGISTER_MODULE, llm_api_options
 from .memory import check_fits, memory_plan, shares_env
 from .templating import fill_template
 
 PACKAGE_DIR = Path(trtllm_loop.__file__).resolve().parent          # trtllm_loop/
 CUSTOM_MODULE = "iquest_loop"
 WEIGHT_MODES = ("link", "copy", "symlink")
+TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_FILES = ("tokenizer_config.json", *TOKENIZER_MODELS, "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
 
 
 def _copy_package(dst: Path) -> None:
@@ -84,13 +87,43 @@ def _copy_checkpoint(ckpt: Path, tmp: Path, cfg: LoopConfig, bc: BuildConfig, fi
             shutil.copy2(f, tmp / f.name)
 
 
+def _triton_repo(ckpt: Path, tmp: Path, out: Path, bc: BuildConfig, opts: dict, tp: int) -> None:
+    """``triton_repo/``: the complete Triton ``llmapi`` repository (ensemble, pre/post-processing, BLS,
+    ``tensorrt_llm`` driving ``tensorrt_llm.LLM``), rendered by the one Triton renderer with this build's LLM-API
+    arguments (``llm_args.py``); its paths name the final deploy directory (tokenizer, ``model``)."""
+    from trtllm_loop.serving.render import render_repository
+
+    try:
+        render_repository(
+            "llmapi", ckpt, tmp / "triton_repo", engine_dir=out, tokenizer_dir=tmp, paths_as=(tmp, out),
+            llm_args=opts, max_batch_size=bc.max_batch_size, max_seq_len=bc.max_seq_len,
+            max_num_tokens=bc.max_num_tokens, tensor_parallel_size=tp,
+            kv_cache_free_gpu_mem_fraction=bc.free_gpu_memory_fraction)
+    except UserError as e:
+        raise UserError(f"the deploy directory's Triton repository (triton_repo/): {e}") from None
+
+
+def _tokenizer_dir(ckpt: Path, tokenizer) -> Path:
+    """The tokenizer the deploy directory carries: ``--tokenizer DIR``, else the checkpoint's own."""
+    d = Path(tokenizer) if tokenizer else ckpt
+    where = f"--tokenizer {d}" if tokenizer else f"{ckpt}"
+    if not (d / "tokenizer_config.json").is_file() or not any((d / n).is_file() for n in TOKENIZER_MODELS):
+        raise UserError(f"{where}: no tokenizer (tokenizer_config.json + tokenizer.model or tokenizer.json); the "
+                        "deploy directory's Triton repository (triton_repo/) and TRT-LLM's end_id need one: pass "
+                        "--tokenizer DIR (the released model's tokenizer files) or copy them into the checkpoint")
+    return d
+
+
 def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | None = None,
-          weights: str = "link", force: bool = False, trtllm_version: str = "1.2.1") -> dict:
-    """Validate, plan and write the deploy directory; returns build_info."""
+          weights: str = "link", force: bool = False, trtllm_version: str = "1.2.1",
+          tokenizer: str | Path | None = None) -> dict:
+    """Validate, plan and write the deploy directory; returns build_info. ``tokenizer``: a directory with the
+    tokenizer files when the checkpoint has none."""
     from trtllm_loop.checkpoint import weight_map
     from trtllm_loop.checkpoint.validate import check
 
     ckpt, out = Path(ckpt), Path(out)
+    check_output(out, force, "pass --force to replace it", protect=(ckpt,))  # before any long work
     bc = load_build_config(config)
     try:
         cfg = LoopConfig.from_file(ckpt)
@@ -106,8 +139,17 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
     if weights not in WEIGHT_MODES:
         raise UserError(f"--weights {weights!r}: allowed link (hard link, copy across filesystems), copy, symlink")
     opts = llm_api_options(bc, cfg, fmt)
-    with atomic_dir(out, overwrite=force, hint="pass --force to replace it") as tmp:
+    tok = _tokenizer_dir(ckpt, tokenizer)
+    try:  # the Triton renderer checks every config.pbtxt with tritonclient's ModelConfig protobuf
+        import tritonclient.grpc.model_config_pb2  # noqa: F401
+    except ImportError:
+        raise UserError("build writes and checks a Triton repository (triton_repo/) with tritonclient, which is not "
+                        "installed: pip install -e '.[serving]' (or pip install 'tritonclient[grpc]')") from None
+    with atomic_dir(out, overwrite=force, hint="pass --force to replace it", protect=(ckpt,)) as tmp:
         _copy_checkpoint(ckpt, tmp, cfg, bc, files, weights)
+        for f in sorted(tok.iterdir()):  # a tokenizer given apart from the checkpoint (--tokenizer)
+            if f.is_file() and f.name in TOKENIZER_FILES and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
         _write(tmp / "llm_api_options.yaml",
                f"# LLM-API options for {bc.target} (from {Path(bc.source).name}); trtllm-serve --extra_llm_api_options\n"
                + yaml.safe_dump(opts, sort_keys=False))
@@ -116,11 +158,7 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         _copy_package(tmp / "python")
         _write(tmp / "custom_modules" / CUSTOM_MODULE / "__init__.py",
                fill_template("custom_module_init.py.tpl", register_module=REGISTER_MODULE))
-        tri = tmp / "triton_repo" / "tensorrt_llm"
-        _write(tri / "config.pbtxt", fill_template("triton_config.pbtxt"))
-        _write(tri / "1" / "model.yaml",
-               "# Triton tensorrtllm_backend llmapi model: keys are tensorrt_llm.LLM(...) arguments\n"
-               + triton_model_yaml(opts, model=str(out.resolve()), tensor_parallel_size=tp, triton_max_batch_size=0))
+        _triton_repo(ckpt, tmp, out, bc, opts, tp)
         _write(tmp / "triton_hooks" / "sitecustomize.py",
                fill_template("sitecustomize.py.tpl", register_module=REGISTER_MODULE))
         _write(tmp / "launch_triton.sh", fill_template("launch_triton.sh"), executable=True)

@@ -33,7 +33,10 @@ from .llm_args import CudaGraphConfig, KvCacheConfig
 # the TorchLlmArgs / BaseLlmArgs fields (llm_args.py @0249976) the double implements; any other key is refused
 # as pydantic refuses it there (StrictBaseModel.Config.extra = "forbid")
 LLM_ARG_FIELDS = ("backend", "pipeline_parallel_size", "kv_cache_config", "cuda_graph_config", "max_batch_size",
-                  "max_seq_len", "max_num_tokens", "enable_chunked_prefill", "attn_backend")
+                  "max_seq_len", "max_num_tokens", "enable_chunked_prefill", "attn_backend",
+                  # llm.py @4c05a74, LLM.__init__: valid_keys = model_fields + ['_mpi_session', 'backend'] (an
+                  # MpiCommSession from a Triton rank-0 model; the double's ranks are simulated in process)
+                  "_mpi_session")
 # llm.py @4c05a74, BaseLLM._prepare_sampling_params
 END_ID_ERROR = ("tokenizer is required to reset end_id if it is None, or you can explicitly specify the end_id "
                 "for sampling_params")
