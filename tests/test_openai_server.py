@@ -100,6 +100,10 @@ def test_stop_max_tokens_and_sampling(env):
     assert word, "no usable stop word in the generated text"
     r = env.client.completions.create(model="tensorrt_llm_bls", prompt=PROMPT, max_tokens=30, stop=[word])
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    # OpenAI's text excludes the stop word (Triton's includes it): streamed too
+    chunks = env.client.completions.create(model="tensorrt_llm_bls", prompt=PROMPT, max_tokens=30, stop=[word],
+                                           stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == want
     short = env.client.completions.create(model="tensorrt_llm_bls", prompt=PROMPT, max_tokens=3)
     if len(ids) >= 3:
         assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3

@@ -65,7 +65,14 @@ def test_stop_strings():
     assert out == "hello wor ld a worl" and not m.stopped
     m = lt.StopStringMatcher(["world"])
     out = "".join(m.feed(c) for c in ["hel", "lo wo", "rld and more"]) + m.flush()
-    assert out == "hello " and m.stopped
+    assert out == "hello world" and m.stopped  # the one stop-word rule: the stop word is returned
+    # the stop word completed first wins (what a stream sees), whichever list position; streamed == whole
+    for stops, want in ((["d a", "lo w", "lo"], "hello"), (["llo w", "o w"], "hello w"), (["rld", "wor"], "hello wor")):
+        m = lt.StopStringMatcher(stops)
+        assert "".join(m.feed(c) for c in "hello world and") + m.flush() == want
+        assert lt.cut_at_stop("hello world and", stops) == (want, True)
+    assert lt.cut_at_stop("abcabc", ["c", "bc"]) == ("abc", True)
+    assert lt.cut_at_stop("abc", ["x"]) == ("abc", False)
     m = lt.StopStringMatcher([])
     assert m.feed("abc") == "abc"
 

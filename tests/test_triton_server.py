@@ -266,12 +266,14 @@ def test_stop_words(env):
             break
     assert word is not None, "no usable stop word in the generated text"
     f = request_fields(prompt, 40, stop_words=[word])
-    # BLS: text-level, the output ends just before the stop word (streamed and not)
-    want = env.tok.decode(ids[:k], skip_special_tokens=True)
+    # the one stop-word rule (triton_repo/README.md): generation ends at the stop word, which is returned -- on
+    # the ensemble (token-level, in tensorrt_llm) and the BLS (text-level), streamed and not
+    want = env.tok.decode(ids[:k + 2], skip_special_tokens=True)
+    assert want.endswith(word) and want != text
     assert http_generate(env.http, "tensorrt_llm_bls", f) == want
     assert "".join(grpc_stream(env.grpc, "tensorrt_llm_bls", f)) == want
-    # ensemble: token-level (TRT-LLM semantics), generation stops after the stop word's tokens
-    assert http_generate(env.http, "ensemble", f) == env.tok.decode(ids[:k + 2], skip_special_tokens=True)
+    assert http_generate(env.http, "ensemble", f) == want
+    assert grpc_generate(env.grpc, "ensemble", f, stream=False) == want
 
 
 def test_chat_template_applied_server_side(env):

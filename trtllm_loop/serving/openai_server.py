@@ -27,6 +27,8 @@ import math
 import time
 import uuid
 
+from trtllm_loop.serving.textproc import drop_stop_suffix
+
 HOST = "127.0.0.1"
 MODELS = ("tensorrt_llm_bls", "ensemble")
 UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
@@ -263,6 +265,8 @@ def create_app(grpc_url: str, *, default_max_tokens: int = 16, models=MODELS):
                     task.cancel()
                     return JSONResponse(status_code=499, content=APIError(499, "client disconnected").body())
             text, counts = task.result()
+            # Triton returns the stop word (triton_repo/README.md, "Stop words"); OpenAI's text does not contain it
+            text = drop_stop_suffix(text, fields.get("stop_words") or [])
             return {"id": oid, "object": obj, "created": created, "model": model,
                     "choices": [choice(text, finish_reason(counts, fields))], "usage": usage(counts)}
 
@@ -284,11 +288,19 @@ def create_app(grpc_url: str, *, default_max_tokens: int = 16, models=MODELS):
             counts = {}
             if chat:
                 yield chunk("", first=True)
+            stops = fields.get("stop_words") or []
+            hold = max((len(w) for w in stops), default=0)  # a tail that may be the returned stop word
+            held = ""
             try:
                 async for text, c, _ in triton_stream(client(), model, fields, True, rid):
                     counts.update(c)
-                    if text:
-                        yield chunk(text)
+                    held += text
+                    out, held = (held[:len(held) - hold], held[len(held) - hold:]) if hold else (held, "")
+                    if out:
+                        yield chunk(out)
+                held = drop_stop_suffix(held, stops)
+                if held:
+                    yield chunk(held)
             except APIError as e:
                 yield sse(e.body())
                 yield "data: [DONE]\n\n"

@@ -107,9 +107,39 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
 
+# The one stop-word rule of every model (triton_repo/README.md, "Stop words"), upstream's: generation ends at the
+# first occurrence of a stop word and the returned text ends WITH that stop word. Upstream's `tensorrt_llm` (C++
+# backend) returns the stop sequence's tokens in `output_ids`; its `ensemble` and `tensorrt_llm_bls` only decode
+# them (the BLS sends the words to `preprocessing` -> `stop_words_list` and decodes what `tensorrt_llm` returns:
+# triton_backend/all_models/inflight_batcher_llm/tensorrt_llm_bls/1/lib/triton_decoder.py, `_get_preproc_tensors`,
+# `_get_llm_tensors_from_request`; lib/decode.py only checks stop words itself for speculative decoding).
+STOP_WORD_INCLUDED = True
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` ended by the stop-word rule: (text through the end of the stop word that is completed first, True),
+    or (text, False) when none occurs. "Completed first" is what a stream sees (and what TensorRT-LLM's token-level
+    check does): the smallest end; of two ending at the same place, the longer one."""
+    best = None
+    for s in stop:
+        i = text.find(s) if s else -1
+        if i >= 0 and (best is None or (i + len(s), i) < best):
+            best = (i + len(s), i)
+    if best is None:
+        return text, False
+    return text[:best[0] if STOP_WORD_INCLUDED else best[1]], True
+
+
+def drop_stop_suffix(text: str, stop: list[str]) -> str:
+    """``text`` without the stop word it ends with (the longest such), for APIs whose text excludes it (OpenAI)."""
+    ends = [w for w in stop if w and text.endswith(w)]
+    return text[:len(text) - max(map(len, ends))] if ends else text
+
+
 class StopStringMatcher:
-    """Text-level stop strings over a stream of text deltas: holds back a tail that could still become a stop
-    string, and cuts the output just before the first match (the stop string itself is not returned)."""
+    """The stop-word rule over a stream of text deltas (``tensorrt_llm_bls``): holds back a tail that could still
+    become a stop word and ends the output at the first match, the stop word included (``cut_at_stop``). Text-level,
+    so a stop word that the model spells with other tokens than ``encode(word)`` ends it too."""
 
     def __init__(self, stop: list[str]):
         self.stop = [s for s in stop if s]
@@ -122,10 +152,10 @@ class StopStringMatcher:
         if not self.stop:
             return delta
         text = self.held + delta
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        out, hit = cut_at_stop(text, self.stop)
+        if hit:
             self.stopped, self.held = True, ""
-            return text[:cut]
+            return out
         keep = 0
         for s in self.stop:  # longest suffix of text that is a proper prefix of a stop string
             for k in range(min(len(s) - 1, len(text)), keep, -1):
@@ -145,9 +175,10 @@ class PieceText:
     state): each id is decoded *after an anchor token* so SentencePiece's leading space survives; byte-fallback
     pieces that are not complete characters come out as U+FFFD. Use ``tensorrt_llm_bls`` for exact streaming."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, single_is_piece: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
+        self.single_is_piece = single_is_piece
         anchor = tokenizer.encode("a", add_special_tokens=False)
         self.anchor = anchor[-1:] if anchor else []
         self.anchor_text = tokenizer.decode(self.anchor) if self.anchor else ""
@@ -155,11 +186,8 @@ class PieceText:
 
     def __call__(self, ids) -> str:
         ids = [int(t) for t in ids]
-        if len(ids) != 1:  # a whole sequence: one decode, byte-fallback runs decoded together
-            full = self.tok.decode(self.anchor + ids, skip_special_tokens=self.skip,
-                                   clean_up_tokenization_spaces=False)
-            if full.startswith(self.anchor_text):
-                return full[len(self.anchor_text):]
+        if len(ids) != 1 or not self.single_is_piece:  # a whole sequence: exactly the tokenizer's own decode (a decoder that strips the
+            # leading space, Llama-2's Metaspace + Strip, strips it here too -- no anchor)
             return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
         t = ids[0]
         s = self.cache.get(t)

@@ -4,7 +4,7 @@ Per request (each on a worker thread, so requests run concurrently and batch in 
 only reads the tensors, so a slow tokenization never holds up another request):
 tokenize + chat template (same code as `preprocessing`) -> `tensorrt_llm` via BLS (streamed internally when the
 repository is decoupled) -> incremental detokenization (whole UTF-8 characters, SentencePiece spaces kept) ->
-text-level stop strings (the output ends just before the first match) -> streamed deltas or one final text. A
+text-level stop words (the output ends with the first stop word: textproc.STOP_WORD_INCLUDED) -> streamed deltas or one final text. A
 client cancel or a stop-string hit cancels the `tensorrt_llm` request (TRT-LLM's `stop` request, same request
 id). The concatenation of the streamed deltas equals the non-streamed text; streaming never echoes the prompt
 (upstream's BLS does not either: ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm_bls/1/lib/

@@ -1,5 +1,6 @@
-"""Triton `postprocessing`: output ids -> text, one response at a time (stateless; SentencePiece's leading
-spaces are kept by decoding after an anchor token). Exact streaming of multi-byte characters needs state
+"""Triton `postprocessing`: output ids -> text, one response at a time (stateless). A whole sequence is the
+tokenizer's own decode; a one-token response of a decoupled repository is a streamed piece, decoded after an anchor
+token so that SentencePiece's leading space is kept (``loop_text.PieceText``). Exact streaming of multi-byte characters needs state
 across responses, which an ensemble step cannot have: `tensorrt_llm_bls` does that."""
 import json
 
@@ -18,7 +19,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = lt.parameters(json.loads(args["model_config"]))
         self.tok = lt.load_tokenizer(params.get("tokenizer_dir", ""))
-        self.text = lt.PieceText(self.tok, params.get("skip_special_tokens", "true").lower() == "true")
+        self.text = lt.PieceText(self.tok, params.get("skip_special_tokens", "true").lower() == "true",
+                                 single_is_piece=(params.get("streamed_pieces") or "true").lower() == "true")
         self.vocab = len(self.tok)
 
     def execute(self, requests):
