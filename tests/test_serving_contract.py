@@ -299,3 +299,47 @@ def test_error_text():
     text = rq.error_text(RuntimeError("line one\n  File x, line 3\n" + "y" * 2000), "m")
     assert "\n" not in text and "File x" not in text and len(text) <= rq.MAX_ERROR_CHARS
     assert "\n" not in rq.error_text(rq.RequestError("a\nb"), "m")
+
+
+def test_llm_requests_batch_one_request_per_row():
+    reqs = rq.parse_llm_requests(llm(input_ids=np.array([[5, 6, 7], [8, 9, 0]], np.int32),
+                                     input_lengths=np.array([[3], [2]], np.int32),
+                                     request_output_len=np.array([[4], [6]], np.int32),
+                                     streaming=np.array([[False], [True]]),
+                                     stop_words_list=np.stack([rq.to_word_list([[3]]), rq.to_word_list([[4]])])))
+    assert [r.input_ids for r in reqs] == [[5, 6, 7], [8, 9]]
+    assert [r.output_len for r in reqs] == [4, 6] and [r.streaming for r in reqs] == [False, True]
+    assert [r.stop_words for r in reqs] == [[[3]], [[4]]]
+    fails("request_output_len must hold one value per prompt (shape [2, 1]), got shape [1, 1]",
+          rq.parse_llm_requests, llm(input_ids=np.array([[5], [6]], np.int32), input_lengths=None))
+    fails("input_lengths=3 but input_ids has 2 ids", rq.parse_llm_requests,
+          llm(input_ids=np.array([[5, 6], [7, 8]], np.int32), input_lengths=np.array([[2], [3]], np.int32),
+              request_output_len=np.array([[1], [1]], np.int32)))
+
+
+def test_text_requests_batch_and_the_batch_rule():
+    reqs = rq.parse_text_requests(rq.Inputs({"text_input": np.array([[b"a"], [b"bc"]], dtype=object),
+                                             "max_tokens": np.array([[3], [4]], np.int32)}))
+    assert [(r.text, r.max_tokens) for r in reqs] == [("a", 3), ("bc", 4)]
+    rq.check_batch(1, False, "m")
+    rq.check_batch(3, True, "m")
+    fails("batch of 2 prompts in one request needs the decoupled m", rq.check_batch, 2, False, "m")
+
+    class Sender:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, response=None, flags=0):
+            self.sent.append((response, flags))
+
+    s = Sender()
+    g = rq.BatchResponder(s, 2, 9)
+    g.send("a0")
+    g.send("b-last", last=True)
+    g.send(None, last=False)     # nothing to say: not sent
+    g.send("a-last", last=True)  # the last prompt ends the request
+    assert s.sent == [("a0", 0), ("b-last", 0), ("a-last", 9)]
+    s2 = Sender()
+    g2 = rq.BatchResponder(s2, 1, 9)
+    g2.send(None, last=True)
+    assert s2.sent == [(None, 9)]

@@ -518,3 +518,64 @@ def test_max_tokens_cut_is_logged_by_tensorrt_llm(env):
     while not log_lines(env, pat) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert log_lines(env, pat)
+
+
+# ----------------------------------------------------------------------------- batches (rq.BatchResponder)
+def _by_batch_index(resps, key):
+    """Responses of a batched request grouped by their ``batch_index`` tag: {row: [output ``key``, ...]}."""
+    got: dict = {}
+    for o, _ in resps:
+        if key in o:
+            got.setdefault(int(o["batch_index"].reshape(-1)[0]), []).append(o)
+    return got
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_tensorrt_llm_batch_one_result_per_prompt(env, streaming):
+    """A request of 3 prompts of different lengths (padded, trimmed by input_lengths, each its own
+    request_output_len) returns each prompt's greedy completion, tagged by batch_index, none merged or dropped."""
+    prompts, lens = [encode(env, p) for p in PROMPTS[:3]], [12, 20, 7]
+    assert len({len(p) for p in prompts}) == 3
+    want = [greedy(env.model, p, n, end_ids=(env.end_id,), stop_ids=env.stop_ids) for p, n in zip(prompts, lens)]
+    width = max(len(p) for p in prompts)
+    stops = rq.to_word_list([[e] for e in env.stop_ids])[None]
+    arrays = {"input_ids": np.array([p + [0] * (width - len(p)) for p in prompts], np.int32),
+              "input_lengths": np.array([[len(p)] for p in prompts], np.int32),
+              "request_output_len": np.array([[n] for n in lens], np.int32),
+              "end_id": np.full((3, 1), env.end_id, np.int32), "streaming": np.full((3, 1), streaming, np.bool_),
+              "exclude_input_in_output": np.full((3, 1), True, np.bool_),
+              "stop_words_list": np.repeat(stops, 3, axis=0)}
+    resps = raw_stream(env, "tensorrt_llm", arrays)
+    assert [f for _, f in resps].count(True) == 1 and resps[-1][1]  # one final flag, on the last response
+    got = _by_batch_index(resps, "output_ids")
+    assert sorted(got) == [0, 1, 2]
+    ids = {b: sum((o["output_ids"].reshape(-1)[:int(o["sequence_length"].reshape(-1)[0])].tolist() for o in rs), [])
+           for b, rs in got.items()}
+    assert [ids[b] for b in range(3)] == want
+    if not streaming:
+        assert all(len(rs) == 1 for rs in got.values())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bls_batch_one_text_per_prompt(env, stream):
+    lens = [10, 24, 6]
+    want = [expected(env, p, n)[1] for p, n in zip(PROMPTS[:3], lens)]
+    arrays = {"text_input": np.array([[p.encode()] for p in PROMPTS[:3]], dtype=object),
+              "max_tokens": np.array([[n] for n in lens], np.int32),
+              "stream": np.full((3, 1), stream, np.bool_),
+              "exclude_input_in_output": np.full((3, 1), True, np.bool_)}
+    resps = raw_stream(env, "tensorrt_llm_bls", arrays)
+    assert [f for _, f in resps].count(True) == 1 and resps[-1][1]
+    got = _by_batch_index(resps, "text_output")
+    assert sorted(got) == [0, 1, 2]
+    text = {b: "".join(o["text_output"].reshape(-1)[0].decode() for o in rs) for b, rs in got.items()}
+    assert [text[b] for b in range(3)] == want
+    if not stream:
+        assert all(len(rs) == 1 for rs in got.values())
+
+
+def test_batch_with_a_bad_prompt_fails_the_whole_request(env):
+    arrays = {"text_input": np.array([[b"a"], [b"b"]], dtype=object), "max_tokens": np.array([[4], [0]], np.int32)}
+    with pytest.raises(TritonRequestError, match=r"max_tokens must be >= 1, got 0"):
+        raw_stream(env, "tensorrt_llm_bls", arrays)
+    healthy_after(env)

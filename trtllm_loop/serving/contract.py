@@ -14,9 +14,12 @@ The same rules for every model:
 * a tensor of the wrong type is refused (integer inputs take integer tensors, ...), and a scalar input holds
   exactly one value per prompt (``get_input_scalar_by_name`` in
   ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/1/model.py``: "Expected a scalar tensor");
-* ``tensorrt_llm`` takes one prompt per request, like TensorRT-LLM's LLM-API model
-  (``triton_backend/all_models/llmapi/tensorrt_llm/1/model.py``, "JIRA-4496 ... batched prompts"); so does
-  ``tensorrt_llm_bls``; ``preprocessing`` takes a batch (one bad row fails its whole request);
+* a request may carry a batch of prompts (``text_input`` / ``input_ids`` ``[batch, ...]``, every other input one
+  row per prompt): the ``reference`` ``tensorrt_llm`` and ``tensorrt_llm_bls`` serve it by :class:`BatchResponder`
+  (one result per prompt, tagged by ``batch_index``; decoupled models only), ``preprocessing`` returns one row
+  per prompt; the llmapi ``tensorrt_llm`` takes one prompt per request, like TensorRT-LLM's LLM-API model
+  (``triton_backend/all_models/llmapi/tensorrt_llm/1/model.py``, "JIRA-4496 ... batched prompts"); one bad row
+  fails its whole request;
 * ``input_lengths`` must be 1..len(input_ids): a shorter value trims the row's padding (upstream's
   ``convert_request`` slices ``input_token_ids[0:input_length]``), a longer one is refused rather than silently
   sliced to the ids there are -- it means the two tensors disagree;
@@ -409,48 +412,111 @@ def is_stop(inp: Inputs) -> bool:
     return bool(scalar(inp, "stop", bool, False))
 
 
-def parse_llm_request(inp: Inputs, *, default_exclude: bool = False, vocab_size: int | None = None,
-                      max_seq_len: int | None = None) -> LLMRequest:
+def parse_llm_requests(inp: Inputs, *, default_exclude: bool = False, vocab_size: int | None = None,
+                       max_seq_len: int | None = None) -> list[LLMRequest]:
+    """One :class:`LLMRequest` per prompt of a ``tensorrt_llm`` request: ``input_ids`` ``[batch, N]`` (or ``[N]``
+    for one prompt), every other input one row / value per prompt. Served by the rule of :class:`BatchResponder`
+    (TensorRT-LLM's C++ backend makes one executor request per row: ``triton_backend/inflight_batcher_llm/src/
+    model_instance_state.cc``, "A single TRITONBACKEND_Request will produce multiple executor requests")."""
     ids = tensor(inp, "input_ids", int)
     if ids is None:
         raise RequestError("input_ids is missing: send the prompt token ids (INT32 [1, N])")
-    if ids.ndim == 2 and ids.shape[0] != 1:
-        raise RequestError(f"batch of {ids.shape[0]} prompts in one request: tensorrt_llm takes one prompt per "
-                           "request; send concurrent requests instead")
     if ids.ndim not in (1, 2):
         raise RequestError(f"input_ids must have shape [1, N], got {list(ids.shape)}")
-    ids = [int(t) for t in ids.reshape(-1)]
-    if not ids:
+    id_rows = [ids] if ids.ndim == 1 else list(ids)
+    batch = len(id_rows)
+    if batch == 0:
         raise RequestError("input_ids is empty: send at least one token")
-    n = scalar(inp, "input_lengths", int, len(ids))
-    if not 0 < n <= len(ids):
-        raise RequestError(f"input_lengths={n} but input_ids has {len(ids)} ids: send 1..{len(ids)}")
-    ids = ids[:n]
-    bad = next((t for t in ids if t < 0 or (vocab_size and t >= vocab_size)), None)
-    if bad is not None:
-        allowed = f"[0, {vocab_size})" if vocab_size else "[0, vocab_size)"
-        raise RequestError(f"input_ids contains {bad}, outside the vocabulary {allowed}")
-    if max_seq_len and n >= max_seq_len:
-        raise RequestError(f"the prompt is {n} tokens long; this model serves at most {max_seq_len - 1} "
-                           "prompt tokens (max_seq_len - 1): shorten the prompt")
-    out_len = scalar(inp, "request_output_len", int)
-    if out_len is None or out_len < 1:
-        raise RequestError(f"request_output_len must be >= 1, got {out_len}: ask for at least one token")
-    asked = out_len
-    if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise (and warns: the models log it)
-        out_len = min(out_len, max_seq_len - n)
+    lengths = scalars(inp, "input_lengths", int, batch)
+    out_lens = scalars(inp, "request_output_len", int, batch)
+    end_ids, pad_ids = scalars(inp, "end_id", int, batch), scalars(inp, "pad_id", int, batch)
+    stops, bads = rows(inp, "stop_words_list", int, batch, 2), rows(inp, "bad_words_list", int, batch, 2)
     bias = tensor(inp, "embedding_bias", float)
-    return LLMRequest(
-        input_ids=ids, output_len=out_len, end_id=scalar(inp, "end_id", int), pad_id=scalar(inp, "pad_id", int),
-        sampling=Sampling.parse(inp)[0],
-        stop_words=from_word_list(rows(inp, "stop_words_list", int, 1, 2)[0], "stop_words_list"),
-        bad_words=from_word_list(rows(inp, "bad_words_list", int, 1, 2)[0], "bad_words_list"),
-        embedding_bias=bias is not None and bias.size > 0,
-        returns=tuple(r for r in RETURN_FLAGS if scalar(inp, r, bool, False)),
-        streaming=scalar(inp, "streaming", bool, False),
-        exclude_input=scalar(inp, "exclude_input_in_output", bool, default_exclude), asked_len=asked,
-        counts=tuple(c for c in COUNT_FLAGS if scalar(inp, c, bool, False)),
-        python_unsupported=tuple(n for n in NOT_IN_PYTHON if _is_set(inp.get(n))))
+    flags = {r: scalars(inp, r, bool, batch) for r in (*RETURN_FLAGS, *COUNT_FLAGS, "streaming",
+                                                       "exclude_input_in_output")}
+    sampling = Sampling.parse(inp, batch)
+    unsupported = tuple(n for n in NOT_IN_PYTHON if _is_set(inp.get(n)))
+    out = []
+    for b in range(batch):
+        row = [int(t) for t in id_rows[b].reshape(-1)]
+        if not row:
+            raise RequestError("input_ids is empty: send at least one token")
+        n = len(row) if lengths[b] is None else lengths[b]
+        if not 0 < n <= len(row):
+            raise RequestError(f"input_lengths={n} but input_ids has {len(row)} ids: send 1..{len(row)}")
+        row = row[:n]
+        bad = next((t for t in row if t < 0 or (vocab_size and t >= vocab_size)), None)
+        if bad is not None:
+            allowed = f"[0, {vocab_size})" if vocab_size else "[0, vocab_size)"
+            raise RequestError(f"input_ids contains {bad}, outside the vocabulary {allowed}")
+        if max_seq_len and n >= max_seq_len:
+            raise RequestError(f"the prompt is {n} tokens long; this model serves at most {max_seq_len - 1} "
+                               "prompt tokens (max_seq_len - 1): shorten the prompt")
+        out_len = out_lens[b]
+        if out_len is None or out_len < 1:
+            raise RequestError(f"request_output_len must be >= 1, got {out_len}: ask for at least one token")
+        asked = out_len
+        if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise (and warns: the models log it)
+            out_len = min(out_len, max_seq_len - n)
+        excl = flags["exclude_input_in_output"][b]
+        out.append(LLMRequest(
+            input_ids=row, output_len=out_len, end_id=end_ids[b], pad_id=pad_ids[b], sampling=sampling[b],
+            stop_words=from_word_list(stops[b], "stop_words_list"),
+            bad_words=from_word_list(bads[b], "bad_words_list"),
+            embedding_bias=bias is not None and bias.size > 0,
+            returns=tuple(r for r in RETURN_FLAGS if flags[r][b]),
+            streaming=bool(flags["streaming"][b]),
+            exclude_input=default_exclude if excl is None else excl, asked_len=asked,
+            counts=tuple(c for c in COUNT_FLAGS if flags[c][b]), python_unsupported=unsupported))
+    return out
+
+
+def parse_llm_request(inp: Inputs, *, who: str = "tensorrt_llm", **kw) -> LLMRequest:
+    """The one prompt of a ``tensorrt_llm`` request, for a model that serves one prompt per request (``who``)."""
+    ids = tensor(inp, "input_ids", int)
+    if ids is not None and ids.ndim == 2 and ids.shape[0] != 1:
+        raise RequestError(f"batch of {ids.shape[0]} prompts in one request: {who} takes one prompt per "
+                           "request; send concurrent requests instead")
+    return parse_llm_requests(inp, **kw)[0]
+
+
+# ----------------------------------------------------------------------------- batches (one rule)
+class BatchResponder:
+    """The one batch rule of every model that serves several prompts in one request (``tensorrt_llm`` reference,
+    ``tensorrt_llm_bls``), upstream's: each prompt is served as its own request and answers with its own
+    responses, each tagged with the prompt's row in ``batch_index`` (``[1, 1]``); a prompt's last response (or
+    its error) ends only that prompt, and the request's final flag rides on the response that ends the last
+    prompt (``model_instance_state.cc``: ``pendingBatchedRequestIds``, ``signalFinal``; the BLS reads
+    ``batch_index`` like ``tensorrt_llm_bls/1/lib/decode.py`` ``postprocess``). Nothing is merged or dropped: a
+    batch of B prompts gives B results. A non-decoupled model can send one response only, so it refuses
+    ``batch > 1`` (:func:`check_batch`). Thread-safe (the BLS finishes prompts on several threads)."""
+
+    def __init__(self, sender, batch: int, final_flag: int):
+        import threading
+
+        self.sender, self.left, self.final_flag = sender, batch, final_flag
+        self.lock = threading.Lock()
+
+    def send(self, response=None, last: bool = False) -> None:
+        """Send ``response`` for one prompt; ``last``: it ends that prompt (the final flag when it is the last)."""
+        with self.lock:
+            flags = 0
+            if last:
+                self.left -= 1
+                flags = self.final_flag if self.left == 0 else 0
+            if response is None and not flags:
+                return  # an empty non-final response says nothing
+            if response is None:
+                self.sender.send(flags=flags)
+            else:
+                self.sender.send(response, flags=flags)
+
+
+def check_batch(batch: int, decoupled: bool, who: str) -> None:
+    if batch > 1 and not decoupled:
+        raise RequestError(f"batch of {batch} prompts in one request needs the decoupled {who} (one response per "
+                           "prompt): render the repository with `trtllm-loop triton-repo --decoupled true`, or "
+                           "send one prompt per request")
 
 
 # ----------------------------------------------------------------------------- client (text) requests

@@ -36,9 +36,12 @@ _END = object()
 CANCEL_CHECK_S = 0.05
 
 
-def _text(s: str, counts: dict | None = None, extra: list | None = None):
-    # shape [1] like upstream's BLS: its clients read text_output[0] as bytes
+def _text(s: str, counts: dict | None = None, extra: list | None = None, batch_index: int | None = None):
+    # shape [1] like upstream's BLS: its clients read text_output[0] as bytes; a prompt of a batch is tagged
+    # with its row (batch_index, as upstream's tensorrt_llm_bls/1/model.py get_batch_index reads it)
     out = [pb_utils.Tensor("text_output", np.array([s.encode("utf-8")], dtype=object))]
+    if batch_index is not None:
+        out.append(pb_utils.Tensor("batch_index", np.array([[batch_index]], dtype=np.int32)))
     out += [pb_utils.Tensor(k, np.array([[v]], dtype=np.int32)) for k, v in (counts or {}).items()]
     return pb_utils.InferenceResponse(output_tensors=out + (extra or []))
 
@@ -52,6 +55,20 @@ def _log_error(msg: str):
 
 class _Timeout(Exception):
     pass
+
+
+class _PromptSender:
+    """The response sender of one prompt of a request (row ``index`` of a batch; None: a one-prompt request):
+    FINAL ends the prompt, the request's final flag is rq.BatchResponder's."""
+
+    def __init__(self, sender, group, index):
+        self.sender, self.group, self.index = sender, group, index
+
+    def send(self, response=None, flags=0):
+        self.group.send(response, last=bool(flags & FINAL))
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
 
 
 PERF = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
@@ -125,17 +142,23 @@ class TritonPythonModel:
             try:
                 inp = rq.Inputs.of(request, pb_utils)
                 # the cheap checks here (types, byte size, ...); tokenizing happens on the worker thread
-                req = rq.parse_text_request(inp, max_output_len=self.pre.max_output_len,
-                                            default_exclude=self.default_exclude,
-                                            max_prompt_bytes=self.pre.max_prompt_bytes)
-                if req.stream and not self.decoupled:
+                # a batch (text_input [batch, 1]): each prompt runs as its own job and answers by
+                # rq.BatchResponder's rule (batch_index), as upstream's BLS reads a batched tensorrt_llm
+                # (tensorrt_llm_bls/1/lib/decode.py: batch_size = text_input.shape[0], postprocess by batch_index)
+                reqs = rq.parse_text_requests(inp, max_output_len=self.pre.max_output_len,
+                                              default_exclude=self.default_exclude,
+                                              max_prompt_bytes=self.pre.max_prompt_bytes)
+                rq.check_batch(len(reqs), self.decoupled, "tensorrt_llm_bls")
+                if any(r.stream for r in reqs) and not self.decoupled:
                     raise rq.RequestError("stream=true needs the decoupled tensorrt_llm_bls: render the repository "
                                           "with `trtllm-loop triton-repo --decoupled true`, or send stream=false")
             except Exception as e:
                 self._final_error(sender, e)
                 continue
-            rid = f"bls-{request.request_id() or ''}-{uuid.uuid4().hex[:12]}"
-            self.pool.submit(self._run_safe, req, rid, sender)
+            group = rq.BatchResponder(sender, len(reqs), FINAL)
+            for b, req in enumerate(reqs):
+                rid = f"bls-{request.request_id() or ''}-{uuid.uuid4().hex[:12]}"
+                self.pool.submit(self._run_safe, req, rid, _PromptSender(sender, group, b if len(reqs) > 1 else None))
         return None
 
     def _final_error(self, sender, exc):
@@ -248,7 +271,7 @@ class TritonPythonModel:
             if not s:
                 return
             if job["stream"]:
-                sender.send(_text(s, extra=extras.tensors(final=False)))
+                sender.send(_text(s, extra=extras.tensors(final=False), batch_index=sender.index))
             else:
                 pieces.append(s)
 
@@ -298,8 +321,8 @@ class TritonPythonModel:
         if job["stream"] and not counts and not job["returns"]:
             sender.send(flags=FINAL)
         else:  # streaming: the counts and returned outputs ride on the final response, with no more text
-            sender.send(_text("" if job["stream"] else "".join(pieces), counts, extras.tensors(final=True)),
-                        flags=FINAL)
+            sender.send(_text("" if job["stream"] else "".join(pieces), counts, extras.tensors(final=True),
+                              batch_index=sender.index), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

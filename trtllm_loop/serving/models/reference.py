@@ -47,7 +47,8 @@ LOGIT_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_l
 
 class _Active:
     __slots__ = ("sender", "streaming", "exclude", "prompt", "end_id", "output", "triton_id", "rid", "peak", "sp",
-                 "counts", "returns", "rows", "skip_rows", "logprobs", "sent_rows", "sent_lp", "times", "blocks")
+                 "counts", "returns", "rows", "skip_rows", "logprobs", "sent_rows", "sent_lp", "times", "blocks",
+                 "group", "index")
 
     def __init__(self, sender, streaming, exclude, prompt, end_id, triton_id, sp=None):
         self.sender, self.streaming, self.exclude = sender, streaming, exclude
@@ -64,13 +65,15 @@ class _Active:
         self.output: list[int] = []
         self.rid = None
         self.peak = 0  # largest in-flight batch this request was part of
+        self.group = None  # rq.BatchResponder of the Triton request this prompt is row ``index`` of
+        self.index = 0
 
 
 def _ids_response(ids: list[int], a=None):
     arr = np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids))
     out = [pb_utils.Tensor("output_ids", arr),
            pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-           pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
+           pb_utils.Tensor("batch_index", np.array([[a.index if a is not None else 0]], dtype=np.int32)),
            pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32))]
     counts = a.counts if a is not None else ()
     if a is not None:
@@ -187,22 +190,27 @@ class TritonPythonModel:
                 if rq.is_stop(inp):
                     self.inbox.put(("stop", request.request_id(), sender))
                     continue
-                req = rq.parse_llm_request(inp, default_exclude=self.default_exclude, vocab_size=self.vocab,
-                                           max_seq_len=self.max_seq_len)
-                if req.streaming and not self.decoupled:
+                # a batch: one engine request per prompt, answered by rq.BatchResponder's rule (batch_index)
+                reqs = rq.parse_llm_requests(inp, default_exclude=self.default_exclude, vocab_size=self.vocab,
+                                             max_seq_len=self.max_seq_len)
+                rq.check_batch(len(reqs), self.decoupled, "tensorrt_llm model")
+                if any(r.streaming for r in reqs) and not self.decoupled:
                     raise rq.RequestError("streaming=true needs the decoupled tensorrt_llm model: render the "
                                           "repository with `trtllm-loop triton-repo --decoupled true`")
-                sp = self._sampling_params(req)
+                sps = [self._sampling_params(r) for r in reqs]
             except Exception as e:
                 sender.send(_error(e), flags=FINAL)
                 continue
-            if req.asked_len > req.output_len:
-                _log(f"tensorrt_llm: request {request.request_id()!r}: request_output_len {req.asked_len} cut to "
-                     f"{req.output_len} to fit max_seq_len {self.max_seq_len} with its {len(req.input_ids)} prompt "
-                     "tokens", "log_warn")
-            a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id, request.request_id(), sp)
-            a.counts, a.returns = req.counts, req.returns
-            self.inbox.put(("add", a, sp))
+            group = rq.BatchResponder(sender, len(reqs), FINAL)
+            for b, (req, sp) in enumerate(zip(reqs, sps)):
+                if req.asked_len > req.output_len:
+                    _log(f"tensorrt_llm: request {request.request_id()!r}: request_output_len {req.asked_len} cut "
+                         f"to {req.output_len} to fit max_seq_len {self.max_seq_len} with its "
+                         f"{len(req.input_ids)} prompt tokens", "log_warn")
+                a = _Active(sender, req.streaming, req.exclude_input, req.input_ids, req.end_id,
+                            request.request_id(), sp)
+                a.counts, a.returns, a.group, a.index = req.counts, req.returns, group, b
+                self.inbox.put(("add", a, sp))
         return None
 
     # ------------------------------------------------------------------ engine thread
@@ -335,11 +343,9 @@ class TritonPythonModel:
                 self.rt.cancel(a.rid)
 
     def _safe_send(self, a, response=None, flags=0):
+        """Send for ``a``'s prompt; ``flags`` FINAL ends that prompt (the request ends with its last prompt)."""
         try:
-            if response is None:
-                a.sender.send(flags=flags)
-            else:
-                a.sender.send(response, flags=flags)
+            a.group.send(response, last=bool(flags & FINAL))
         except Exception:
             pass  # the client is gone
 
