@@ -106,3 +106,40 @@ def require_triton_server() -> None:
         if IN_CI:
             raise
         pytest.skip(f"no tritonserver ({e}): {SERVING_HINT}, or set TRITONSERVER", allow_module_level=True)
+
+
+# ---------------------------------------------------------------- Triton test client
+def raw_stream(env, model, arrays: dict, request_id="", timeout=120, cancel_after=None):
+    """Raw gRPC stream: list of ({output: ndarray}, final flag); optionally cancel after N responses."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from trtllm_loop.serving.client import TritonRequestError
+
+    q: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(env.grpc)
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    inputs = []
+    for name, arr in arrays.items():
+        dt = {np.int32: "INT32", np.bool_: "BOOL", np.uint64: "UINT64", np.float32: "FP32",
+              np.object_: "BYTES"}[arr.dtype.type]
+        t = grpcclient.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    c.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+    out = []
+    try:
+        while True:
+            result, error = q.get(timeout=timeout)
+            if error is not None:
+                raise TritonRequestError(str(error))
+            resp = result.get_response()
+            final = resp.parameters["triton_final_response"].bool_param
+            out.append(({o.name: result.as_numpy(o.name) for o in resp.outputs}, final))
+            if final or (cancel_after is not None and len(out) >= cancel_after):
+                break
+    finally:
+        c.stop_stream(cancel_requests=cancel_after is not None)
+        c.close()
+    return out

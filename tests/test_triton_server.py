@@ -9,7 +9,6 @@ the preprocessing code. Every request count here is bounded.
 from __future__ import annotations
 
 import json
-import queue
 import re
 import time
 import urllib.request
@@ -19,7 +18,7 @@ import numpy as np
 import transformers
 import pytest
 
-from conftest import require, require_triton_server
+from conftest import raw_stream, require, require_triton_server
 from groundtruth import greedy
 
 require("tritonclient.grpc")
@@ -71,36 +70,6 @@ def env(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- helpers
-def raw_stream(env, model, arrays: dict, request_id="", timeout=60, cancel_after=None):
-    """Raw gRPC stream: list of ({output: ndarray}, final flag); optionally cancel after N responses."""
-    import tritonclient.grpc as grpcclient
-
-    q: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(env.grpc)
-    c.start_stream(callback=lambda result, error: q.put((result, error)))
-    inputs = []
-    for name, arr in arrays.items():
-        dt = {np.int32: "INT32", np.bool_: "BOOL", np.uint64: "UINT64", np.float32: "FP32",
-              np.object_: "BYTES"}[arr.dtype.type]
-        t = grpcclient.InferInput(name, list(arr.shape), dt)
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    c.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
-    out = []
-    try:
-        while True:
-            result, error = q.get(timeout=timeout)
-            if error is not None:
-                raise TritonRequestError(str(error))
-            resp = result.get_response()
-            final = resp.parameters["triton_final_response"].bool_param
-            out.append(({o.name: result.as_numpy(o.name) for o in resp.outputs}, final))
-            if final or (cancel_after is not None and len(out) >= cancel_after):
-                break
-    finally:
-        c.stop_stream(cancel_requests=cancel_after is not None)
-        c.close()
-    return out
 
 
 def llm_ids(env, prompt_ids, max_tokens, *, end_id=None, stops=None, streaming=False, exclude=True,

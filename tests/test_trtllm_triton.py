@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import require, require_triton_server
+from conftest import raw_stream, require, require_triton_server
 from groundtruth import greedy
 
 require("tritonclient.grpc")
@@ -99,37 +99,6 @@ def expected(env, prompt, max_tokens=MAX_TOKENS):
     return ids, env.tok.decode(ids, skip_special_tokens=True)
 
 
-def raw_stream(env, model, arrays, request_id="", cancel_after=None, timeout=120):
-    """[(outputs, final)] of one gRPC stream; cancels the stream after ``cancel_after`` responses."""
-    import tritonclient.grpc as grpcclient
-
-    from trtllm_loop.serving.client import TritonRequestError
-
-    q: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(env.grpc)
-    c.start_stream(callback=lambda result, error: q.put((result, error)))
-    inputs = []
-    for name, arr in arrays.items():
-        dt = {np.int32: "INT32", np.bool_: "BOOL", np.object_: "BYTES"}[arr.dtype.type]
-        t = grpcclient.InferInput(name, list(arr.shape), dt)
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    c.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
-    out = []
-    try:
-        while True:
-            result, error = q.get(timeout=timeout)
-            if error is not None:
-                raise TritonRequestError(str(error))
-            resp = result.get_response()
-            final = resp.parameters["triton_final_response"].bool_param
-            out.append(({o.name: result.as_numpy(o.name) for o in resp.outputs}, final))
-            if final or (cancel_after is not None and len(out) >= cancel_after):
-                break
-    finally:
-        c.stop_stream(cancel_requests=cancel_after is not None)
-        c.close()
-    return out
 
 
 def llm_arrays(ids, max_tokens, end_id, streaming=True):

@@ -8,20 +8,11 @@ from typing import Iterator
 
 import torch
 
-from trtllm_loop.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor
+from trtllm_loop.checkpoint.safetensors_io import TensorInfo, no_duplicate_keys, read_header, read_tensor
 from trtllm_loop.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-
-
-def _dup_keys(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"key {k!r} appears twice")
-        d[k] = v
-    return d
 
 
 def read_index(ckpt: str | Path) -> dict:
@@ -30,7 +21,7 @@ def read_index(ckpt: str | Path) -> dict:
     no sub-directories), and whose ``metadata.total_size``, if present, is an integer >= 0 (else dropped)."""
     path = Path(ckpt) / INDEX
     try:
-        idx = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_dup_keys)
+        idx = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); restore or re-download it") from None
     except (ValueError, RecursionError) as e:

@@ -58,7 +58,8 @@ class _Corrupt(ValueError):
     pass
 
 
-def _no_duplicates(pairs):
+def no_duplicate_keys(pairs):
+    """``json.loads(object_pairs_hook=...)``: a JSON object with a key twice is corrupt (ValueError)."""
     d = {}
     for k, v in pairs:
         if k in d:
@@ -85,7 +86,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, 100 << 20):
                 raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+            header = json.loads(f.read(n), object_pairs_hook=no_duplicate_keys)
     except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{path}: cannot read the safetensors header ({e or type(e).__name__}); the file is "
                         "truncated or corrupt, copy or download it again") from None
