@@ -64,7 +64,7 @@ def run(args) -> int:
         return 0
     from trtllm_loop.serving.demo import run_triton_demo
 
-    print("3. Triton: reference repository, real server on 127.0.0.1, streamed chat over gRPC")
+    print("3. Triton: reference repository, real server on 127.0.0.1, streamed chat through the OpenAI-compatible endpoint")
     rc = run_triton_demo(work / "triton", max_tokens=args.max_tokens)
     print("demo " + ("passed" if rc == 0 else "FAILED"))
     return rc
