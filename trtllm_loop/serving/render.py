@@ -162,6 +162,8 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
     if max_batch_size <= 0 or max_num_tokens <= 0 or tokens_per_block <= 0:
         raise UserError(f"max_batch_size ({max_batch_size}), max_num_tokens ({max_num_tokens}) and tokens_per_block "
                         f"({tokens_per_block}) must be positive")
+    if int(host_cache_size) < 0:
+        raise UserError(f"host_cache_size ({host_cache_size}): must be >= 0 bytes")
     check_output(out, overwrite, protect=(model_dir, tok_dir))
     windows = cfg.slot_windows(max_seq_len)
 
@@ -188,6 +190,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "cuda_graph_mode": str(bool(cuda_graph_mode)).lower(),
         "cuda_graph_cache_size": max_batch_size if cuda_graph_mode else 0,
         "max_attention_window_size": ",".join(str(w) for w in windows),
+        "kv_cache_host_memory_bytes": int(host_cache_size),
         "exclude_input_in_output": str(bool(exclude_input_in_output)).lower(),
         "reference_dtype": reference_dtype,
         "runtime_max_batch_size": max_batch_size,
