@@ -28,3 +28,12 @@ def greedy(model, prompt: list[int], max_tokens: int, end_ids=(), stop_ids=()) -
         if t in stop_ids:
             break
     return out
+
+
+def stop_ids(ckpt, end_id: int) -> list[int]:
+    """The stop semantics of triton_repo/README.md: the tokenizer's eos is TRT-LLM's end_id (not returned); the
+    model's other eos ids (generation_config.json) are single-token stop words (returned)."""
+    import json
+    from pathlib import Path
+
+    return [t for t in json.loads((Path(ckpt) / "generation_config.json").read_text())["eos_token_id"] if t != end_id]

@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from conftest import require, require_triton_server
-from groundtruth import greedy
+from groundtruth import greedy, stop_ids
 
 require("tritonclient.grpc")
 require("sentencepiece")
@@ -42,8 +42,7 @@ def env(tmp_path_factory):
     e.tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     e.model = load_model(ckpt)
     e.end_id = e.tok.eos_token_id
-    e.stop_ids = [t for t in json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
-                  if t != e.end_id]
+    e.stop_ids = stop_ids(ckpt, e.end_id)
     yield e
     api.stop()
     assert server.stop() == 0, server.log_tail()

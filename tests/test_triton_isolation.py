@@ -18,7 +18,7 @@ import pytest
 import transformers
 
 from conftest import require, require_triton_server
-from groundtruth import greedy
+from groundtruth import greedy, stop_ids
 
 require("tritonclient.grpc")
 require("sentencepiece")
@@ -167,10 +167,8 @@ def unary(ckpt, tmp_path_factory):
 
 def _want(server, prompt, n, stop_words=True):
     """The reference model's greedy completion with the stop semantics of triton_repo/README.md."""
-    import json
-
     eos = server.tok.eos_token_id
-    stops = [t for t in json.loads((server.ckpt / "generation_config.json").read_text())["eos_token_id"] if t != eos]
+    stops = stop_ids(server.ckpt, eos)
     ids = greedy(server.model, server.tok.encode(prompt, add_special_tokens=False), n, end_ids=(eos,),
                  stop_ids=stops if stop_words else ())
     return ids, server.tok.decode(ids, skip_special_tokens=True)

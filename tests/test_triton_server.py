@@ -19,7 +19,7 @@ import transformers
 import pytest
 
 from conftest import raw_stream, require, require_triton_server
-from groundtruth import greedy
+from groundtruth import greedy, stop_ids
 
 require("tritonclient.grpc")
 require("sentencepiece")
@@ -62,8 +62,7 @@ def env(tmp_path_factory):
     # the stop semantics of triton_repo/README.md: the tokenizer's eos is TRT-LLM's end_id (not returned), the
     # model's other eos ids are single-token stop words (returned)
     e.end_id = e.tok.eos_token_id
-    e.stop_ids = [t for t in json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
-                  if t != e.end_id]
+    e.stop_ids = stop_ids(ckpt, e.end_id)
     yield e
     rc = e.server.stop()
     assert rc == 0, f"tritonserver exit code {rc}:\n{e.server.log_tail()}"

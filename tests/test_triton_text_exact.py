@@ -12,7 +12,7 @@ import json
 import pytest
 
 from conftest import require, require_triton_server
-from groundtruth import greedy
+from groundtruth import greedy, stop_ids
 
 require("tritonclient.grpc")
 require("sentencepiece")
@@ -70,8 +70,7 @@ def env(tmp_path_factory):
     assert e.tok.decode(e.tok.encode("hello world", add_special_tokens=False)) == "hello world"
     e.model = load_model(ckpt)
     e.end_id = e.tok.eos_token_id
-    e.stop_ids = [t for t in json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
-                  if t != e.end_id]
+    e.stop_ids = stop_ids(ckpt, e.end_id)
     repo = render_repository("reference", ckpt, d / "repo", max_seq_len=512, max_input_len=96, max_output_len=400,
                              max_batch_size=8)
     e.server = TritonServer(repo, log_path=d / "server.log").start(timeout=300)

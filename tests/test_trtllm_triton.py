@@ -9,7 +9,6 @@ tokenizer; never the server's output. Every wait is bounded.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import raw_stream, require, require_triton_server
-from groundtruth import greedy
+from groundtruth import greedy, stop_ids
 
 require("tritonclient.grpc")
 require("sentencepiece")
@@ -78,8 +77,7 @@ def env(tmp_path_factory):
         e.tok = transformers.AutoTokenizer.from_pretrained(e.deploy)
         e.model = load_model(ckpt)
         e.end_id = e.tok.eos_token_id
-        e.stop_ids = [t for t in json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
-                      if t != e.end_id]
+        e.stop_ids = stop_ids(ckpt, e.end_id)
         yield e
     finally:
         if e.proc.poll() is None:
