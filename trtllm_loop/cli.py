@@ -10,7 +10,7 @@ import sys
 # order = order in --help
 COMMANDS = [
     "synth", "inspect", "logits", "generate", "demo",
-    "validate", "convert", "eval_quant",
+    "validate", "convert", "quantize", "eval_quant",
     "build", "verify",
     "triton_repo", "serve", "client",
 ]

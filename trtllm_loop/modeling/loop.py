@@ -62,20 +62,33 @@ class BufferStash(Stash):
         return self.buffer[layer, :self.n]
 
 
+def pass1_step(layer, l: int, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash) -> torch.Tensor:
+    """Pass 1 of layer ``l`` (plain Llama): stash the pre-RoPE k|v, attend over slot 2l."""
+    qkv = layer.qkv(h)
+    stash.put(l, qkv[..., cfg.q_size:])
+    return layer.finish(h, backend.attend(cfg.pass1_slot(l), qkv))
+
+
+def pass2_step(layer, gate_projection, l: int, h: torch.Tensor, backend, cfg: LoopConfig,
+               stash: Stash) -> torch.Tensor:
+    """Pass 2 of layer ``l``: gated mix of global attention (slot 2l, re-fed the stashed pass-1 k|v) and local
+    attention (slot 2l+1, window W); the gate reads the post-RoPE pass-2 query."""
+    qs, heads = cfg.q_size, (cfg.num_attention_heads, cfg.head_dim)
+    qkv = layer.qkv(h)
+    q = qkv[..., :qs]
+    g = gate_projection(backend.rope_q(q.unflatten(-1, heads)))
+    global_out = backend.attend(cfg.pass1_slot(l), torch.cat([q, stash.get(l)], dim=-1))
+    local_out = backend.attend(cfg.pass2_slot(l), qkv)
+    return layer.finish(h, mix(g, global_out, local_out))
+
+
 def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash | None = None) -> torch.Tensor:
     """Both passes over the shared layers; h is the embedded input ``[..., hidden]``; returns the final-normed
-    hidden state. ``cfg`` gives the head layout of the layers' q|k|v (per rank under tensor parallelism)."""
+    hidden state. ``cfg`` gives the head layout of the layers' q|k|v (per rank under tensor parallelism).
+    A layer-streaming driver (``trtllm_loop.quantize.stream``) runs the same two steps one layer at a time."""
     stash = Stash() if stash is None else stash
-    qs, heads = cfg.q_size, (cfg.num_attention_heads, cfg.head_dim)
-    for l, layer in enumerate(model.layers):  # pass 1: plain Llama
-        qkv = layer.qkv(h)
-        stash.put(l, qkv[..., qs:])
-        h = layer.finish(h, backend.attend(cfg.pass1_slot(l), qkv))
-    for l, layer in enumerate(model.layers):  # pass 2: gated mix of global and local attention
-        qkv = layer.qkv(h)
-        q = qkv[..., :qs]
-        g = model.gate_projections[l](backend.rope_q(q.unflatten(-1, heads)))
-        global_out = backend.attend(cfg.pass1_slot(l), torch.cat([q, stash.get(l)], dim=-1))
-        local_out = backend.attend(cfg.pass2_slot(l), qkv)
-        h = layer.finish(h, mix(g, global_out, local_out))
+    for l, layer in enumerate(model.layers):
+        h = pass1_step(layer, l, h, backend, cfg, stash)
+    for l, layer in enumerate(model.layers):
+        h = pass2_step(layer, model.gate_projections[l], l, h, backend, cfg, stash)
     return model.norm(h)

@@ -13,13 +13,12 @@ Streaming: one pass over the weights for the amaxes, one for writing, one tensor
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from trtllm_loop import __version__, nvfp4
+from trtllm_loop import nvfp4
 from trtllm_loop.checkpoint.dequant import dense_chunks, dense_shape, dense_weight, input_multiplier, weight_amax
 from trtllm_loop.checkpoint.formats import DENSE, FUSED_GROUPS, Module, detect_format, group_modules
 from trtllm_loop.checkpoint.hf import tensor_index
@@ -29,10 +28,8 @@ from trtllm_loop.checkpoint.writer import atomic_dir, copy_side_files, write_ten
 from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
 from trtllm_loop.fsutil import check_output
+from trtllm_loop.quantize.export import EXCLUDE, LINEARS, write_configs  # noqa: F401
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-EXCLUDE = ["lm_head", "model.embed_tokens", "model.gate_projections*"]
 FP8 = torch.float8_e4m3fn
 HINT = "it is not empty: choose another output directory, or pass --force to replace an earlier output"
 
@@ -151,20 +148,4 @@ def convert(src: str | Path, out: str | Path, to: str, calib_ids: list[list[int]
 
 
 def _write_configs(src: Path, dst: Path, to: str, has_kv: bool, dtype: str) -> None:
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    cfg["torch_dtype"] = dtype
-    cfg.pop("dtype", None)
-    if to == "fp8":
-        producer = {"name": "trtllm-loop", "version": __version__}
-        (dst / "hf_quant_config.json").write_text(json.dumps(
-            {"producer": producer, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if has_kv
-                                                    else None, "exclude_modules": EXCLUDE}}, indent=4) + "\n")
-        qc = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": EXCLUDE, "producer": producer,
-              "config_groups": {"group_0": {"weights": {"dynamic": False, "num_bits": 8, "type": "float"},
-                                            "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
-                                            "targets": ["Linear"]}}}
-        if has_kv:
-            qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
-        cfg["quantization_config"] = qc
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_configs(src, dst, "FP8" if to == "fp8" else None, has_kv, dtype)
