@@ -31,6 +31,7 @@ from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
 from trtllm_loop.modeling.loop import Stash, pass1_step, pass2_step
 from trtllm_loop.modeling.modeling_iquestloopcoder import ContiguousBackend, DecoderLayer, GateProjection, LoopCache
+from trtllm_loop.quantize.export import LINEARS
 from trtllm_loop.quantize.ptq import Observer, layer_specs, output_bytes, quantize_layer
 
 STATE = "state.json"
@@ -174,7 +175,8 @@ def run_streamed(src: Path, cfg: LoopConfig, index: dict, samples: list[list[int
             kv_done()
         else:  # the layer's statistics are final: quantize and write it now
             with torch.no_grad():
-                q = quantize_layer(l, lambda rel: layer.get_submodule(rel).weight, obs.amax, qformat, kv_fp8)
+                weights = {rel: layer.get_submodule(rel).weight for rel in LINEARS}
+                q = quantize_layer(l, weights.__getitem__, obs.amax, qformat, kv_fp8)
             specs = {n: (t.dtype, tuple(t.shape)) for n, t in q.items()}
             qw, q_done = _write(spill.q(l), specs)
             for n, t in q.items():
