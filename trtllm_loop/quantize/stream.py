@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -58,6 +59,24 @@ def spill_bytes(cfg: LoopConfig, qformat: str, kv_fp8: bool, dtype: torch.dtype,
             "pass-1 K/V": cfg.num_hidden_layers * tokens * 2 * cfg.kv_size * it,
             "quantized layers": sum(output_bytes(layer_specs(cfg, l, qformat, kv_fp8))
                                     for l in range(cfg.num_hidden_layers))}
+
+
+BASE_RSS = 3 << 28  # 0.75 GiB: the interpreter with torch, transformers and tokenizers imported
+
+
+def rss_bound(cfg: LoopConfig, dtype: torch.dtype, max_tokens: int) -> int:
+    """What the streamed path's peak RSS should stay under: the imports, one layer's weights, the quantization
+    temporaries of its largest Linear (fp32 copies, scaled values, int64 bucket indices: ~24 bytes/element), the
+    embedding (read for the first step and copied at the end, twice), and one sample's activations and fp32
+    attention scores."""
+    shapes = cfg.tensor_shapes()
+    layer = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    largest = max(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0.") and len(s) == 2)
+    embed = math.prod(shapes["model.embed_tokens.weight"])
+    t = max_tokens
+    acts = t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size + 4 * cfg.kv_size) * 4
+    scores = 3 * cfg.num_attention_heads * t * t * 4
+    return BASE_RSS + layer * dtype.itemsize + 24 * largest + 2 * embed * dtype.itemsize + acts + scores
 
 
 def _load(module: torch.nn.Module, prefix: str, index: dict, dtype: torch.dtype) -> torch.nn.Module:
