@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from trtllm_loop.checkpoint import load_checkpoint
 from trtllm_loop.checkpoint.validate import validate
 from trtllm_loop.cli import main
+from trtllm_loop.config import LoopConfig
 from trtllm_loop.errors import UserError
 from trtllm_loop.quantize import pipeline, stream
 from trtllm_loop.quantize.calib_data import calibration_samples
@@ -241,13 +242,19 @@ def test_layers_not_matching_config_refused(layers, msg, calib, tmp_path):
 def test_spill_disk_too_small_checked_up_front(calib, tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(stream, "run_streamed", lambda *a: started.append(1))
-    sizes = stream.spill_bytes(__import__("trtllm_loop.config").config.LoopConfig.from_file(FIX / "source"),
-                               "nvfp4", False, torch.bfloat16, calib_rows())
+    sizes = stream.spill_bytes(LoopConfig.from_file(FIX / "source"), "nvfp4", False, torch.bfloat16, calib_rows())
     assert sizes["activations"] == 2 * 512 * 64 * 2 and sizes["pass-1 K/V"] == 2 * 512 * 64 * 2
     monkeypatch.setattr(pipeline, "free_bytes", lambda p: sum(sizes.values()))  # output does not fit on top
     with pytest.raises(UserError, match="not enough disk space for quantize: needs .*spill activations"):
         quantize(FIX / "source", tmp_path / "out", "nvfp4", calib=calib, num_samples=16, seq_len=32, mode="streamed")
     assert not started and list(tmp_path.iterdir()) == []
+
+
+def test_report_too_big_for_ram_refused_up_front(calib, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "available_ram", lambda: 1000)
+    with pytest.raises(UserError, match="--report runs eval-quant with the fp32 reference model"):
+        quantize(FIX / "source", tmp_path / "out", "nvfp4", calib=calib, num_samples=4, report=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_awq_refused_with_reason(calib, tmp_path):
@@ -287,3 +294,15 @@ def test_cli(calib, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["quantize", str(FIX / "source"), str(out), "--qformat", "fp8", "--num-samples", "0"])
     assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
+def test_auto_mode_streams_when_the_model_does_not_fit(calib, tmp_path, monkeypatch):
+    cfg = LoopConfig.from_file(FIX / "source")
+    need = pipeline.memory_bytes(cfg, torch.bfloat16, calib_rows())
+    assert need > cfg.num_parameters() * 2
+    monkeypatch.setattr(pipeline, "available_ram", lambda: need - 1)
+    assert quantize(FIX / "source", tmp_path / "a", "nvfp4", calib=calib, num_samples=16, seq_len=32)["mode"] == \
+        "streamed"
+    monkeypatch.setattr(pipeline, "available_ram", lambda: need)
+    assert quantize(FIX / "source", tmp_path / "b", "nvfp4", calib=calib, num_samples=16, seq_len=32)["mode"] == \
+        "memory"

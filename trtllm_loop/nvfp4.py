@@ -31,12 +31,16 @@ _MIDS = (E2M1_VALUES[1:8] + E2M1_VALUES[:7]) / 2  # decision bounds 0.25 0.75 1.
 
 # ---------------------------------------------------------------------------------------------- elements
 def round_e2m1(a: torch.Tensor) -> torch.Tensor:
-    """Magnitudes ``a >= 0`` -> E2M1 magnitude index 0..7 (nearest, ties to even index, saturating at 6)."""
+    """Magnitudes ``a >= 0`` -> E2M1 magnitude index 0..7 (nearest, ties to even index, saturating at 6).
+
+    The index counts the decision bounds below ``a``; a value exactly on a bound goes to the even side, i.e. it
+    counts bounds 0.75, 1.75, 3.5 (odd lower index: round up) but not 0.25, 1.25, 2.5, 5. Seven comparisons
+    (no int64 bucket indices: ~10x faster than ``torch.bucketize`` on CPU, same result)."""
     a = a.float().clamp(max=E2M1_MAX)
-    mids = _MIDS.to(a.device)
-    idx = torch.bucketize(a, mids)                      # exact hit on a bound -> lower index
-    tie = (a == mids[idx.clamp(max=6)]) & (idx % 2 == 1)  # odd lower index on a tie -> round up to even
-    return (idx + tie.long()).to(torch.uint8)
+    idx = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    for j, m in enumerate(_MIDS.tolist()):
+        idx.add_(((a >= m) if j % 2 else (a > m)).view(torch.uint8))
+    return idx
 
 
 def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
