@@ -5,7 +5,7 @@ Loop model whose source is at least 3x the streamed path's RSS bound (``trtllm_l
 The source uses the ``synth`` package's weight statistics (``random_weights``), generated one layer at a time so
 the generator itself stays small. The quantize run is a fresh subprocess that reports its own VmHWM.
 
-    .venv/bin/python bench/bench_quantize.py --work /tmp/bench-q            # ~3.6 GB source, a few minutes
+    .venv/bin/python bench/bench_quantize.py --work /tmp/bench-q            # ~3.8 GB source, ~20 min on 2 cores
     .venv/bin/python bench/bench_quantize.py --layers 8 --hidden 1024       # quicker, smaller
 """
 from __future__ import annotations
@@ -72,9 +72,10 @@ def make_source(out: Path, cfg, shard_gb: float = 2.0) -> int:
 
 def main() -> None:
     from trtllm_loop.quantize.stream import rss_bound
+    from trtllm_loop.synth import preset_config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/bench-quantize")
-    p.add_argument("--layers", type=int, default=40)
+    p.add_argument("--layers", type=int, default=44)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--samples", type=int, default=8)
@@ -105,7 +106,9 @@ def main() -> None:
            "source_gb": src_bytes / 2**30, "rss_bound_gb": bound / 2**30, "source_over_bound": src_bytes / bound,
            "peak_rss_gb": m["peak_rss_bytes"] / 2**30, "under_bound": m["peak_rss_bytes"] <= bound,
            "seconds": m["seconds"], "seconds_per_layer": m["seconds"] / a.layers, "synth_seconds": synth_s,
-           "cpu_threads": torch.get_num_threads()}
+           "cpu_threads": torch.get_num_threads(),
+           # the same bound for the released 40B shape at 512 tokens per sample (what a 24 GB machine must hold)
+           "rss_bound_40b_gb": rss_bound(preset_config("40b-shape", "bfloat16"), torch.bfloat16, 512) / 2**30}
     for k, v in res.items():
         print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ the loop gates stay unquantized.
 --mode     auto (default): in memory when the model fits in RAM, else layer-streamed; streamed: one layer in
            RAM at a time, activations and pass-1 K/V spilled to --work-dir (default .OUT.trtllm-loop-quantize-work
            next to OUT), same bytes as in memory; rerun the same command after an interruption to resume
-           (finished layers are skipped). Disk space is checked before any work.
+           (finished layers are skipped). Disk space is checked before any work: the spill holds every layer's
+           pass-1 K/V until pass 2 (L * 2 * kv_size * 2 bytes per calibration token: 320 KB for the 40B model,
+           so 128 x 512 tokens need ~21 GB), two generations of activations and the quantized layers.
 --report   also run eval-quant on --report-samples held-out samples (the ones after the calibration samples)
            and write KL, top-1 agreement and max |dlogit| per position to OUT/quant_report.json.
 

@@ -43,10 +43,14 @@ def memory_bytes(cfg: LoopConfig, dtype: torch.dtype, samples) -> int:
     return int(1.25 * cfg.num_parameters() * dtype.itemsize) + acts
 
 
-def free_bytes(path: Path) -> int:
+def _existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing(path)).free
 
 
 def _check_disk(out: Path, work: Path | None, need_out: int, spill: dict[str, int] | None) -> None:
@@ -68,11 +72,7 @@ def _check_disk(out: Path, work: Path | None, need_out: int, spill: dict[str, in
 
 
 def _same_fs(a: Path, b: Path) -> bool:
-    def dev(p):
-        while not p.exists():
-            p = p.parent
-        return p.stat().st_dev
-    return dev(a) == dev(b)
+    return _existing(a).stat().st_dev == _existing(b).stat().st_dev
 
 
 def quantize(src: str | Path, out: str | Path, qformat: str = "nvfp4", kv_cache: str = "none",
