@@ -226,8 +226,9 @@ def test_already_quantized_source_refused(calib, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stripped"]
 
 
-@pytest.mark.parametrize("layers, msg", [(3, "tensor 'model.layers.2.*' is missing"),
-                                         (1, "tensor 'model.*1.* is not part of the model config.json describes \\(11 such")])
+@pytest.mark.parametrize("layers, msg", [
+    (3, "tensor 'model.layers.2.*' is missing"),
+    (1, "tensor 'model.*1.* is not part of the model config.json describes \\(11 such")])
 def test_layers_not_matching_config_refused(layers, msg, calib, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(FIX / "source", src)

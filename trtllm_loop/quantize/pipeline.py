@@ -98,8 +98,8 @@ def quantize(src: str | Path, out: str | Path, qformat: str = "nvfp4", kv_cache:
     need_ram, ram = memory_bytes(cfg, dtype, samples), available_ram()
     streamed = mode == "streamed" or (mode == "auto" and need_ram > ram)
     if report and 1.1 * cfg.num_parameters() * 4 > ram:
-        raise UserError(f"--report runs eval-quant with the fp32 reference model ({cfg.num_parameters() * 4 / 2**30:.1f}"
-                        f" GB), more than the {ram / 2**30:.1f} GB of RAM available; quantize without --report and run "
+        raise UserError(f"--report runs eval-quant with the fp32 reference model "
+                        f"({cfg.num_parameters() * 4 / 2**30:.1f} GB), more than the {ram / 2**30:.1f} GB of RAM available; quantize without --report and run "
                         "`trtllm-loop eval-quant` where the model fits")
     work = Path(work_dir) if work_dir else stream.work_dir_for(out)
     spill = stream.spill_bytes(cfg, qformat, kv_fp8, dtype, samples) if streamed else None

@@ -123,7 +123,8 @@ def check_source(src: Path, cfg: LoopConfig) -> dict:
     mods, _ = group_modules(index)
     quantized = sorted(p for p, m in mods.items() if m.quantized)
     if info.format != "hf" or quantized:
-        what = f"{info.format} {info.quant_algo or ''}".strip() if info.format != "hf" else f"{quantized[0]} is {mods[quantized[0]].kind}"
+        what = (f"{info.format} {info.quant_algo or ''}".strip() if info.format != "hf"
+                else f"{quantized[0]} is {mods[quantized[0]].kind}")
         raise UserError(f"{src}: already quantized ({what}); quantize needs the dense BF16/FP16/FP32 original "
                         "(an NVFP4 checkpoint converts to FP8 with `trtllm-loop convert --to fp8`)")
     expected = cfg.tensor_shapes()

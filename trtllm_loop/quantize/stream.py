@@ -196,8 +196,7 @@ def run_streamed(src: Path, cfg: LoopConfig, index: dict, samples: list[list[int
             with torch.no_grad():
                 weights = {rel: layer.get_submodule(rel).weight for rel in LINEARS}
                 q = quantize_layer(l, weights.__getitem__, obs.amax, qformat, kv_fp8)
-            specs = {n: (t.dtype, tuple(t.shape)) for n, t in q.items()}
-            qw, q_done = _write(spill.q(l), specs)
+            qw, q_done = _write(spill.q(l), {n: (t.dtype, tuple(t.shape)) for n, t in q.items()})
             for n, t in q.items():
                 qw.write(n, t)
             q_done()
