@@ -20,7 +20,10 @@ The backend implements TensorRT-LLM's attention contract
         values again is a no-op), then attention of q over the slot up to each query's position, restricted to
         the slot's window from :meth:`LoopConfig.slot_plan` (W keys, the current one included; None = full);
     ``backend.rope_q(q) -> q_rot``
-        RoPE of a query ``[..., H, D]`` at the step's positions.
+        RoPE of a query ``[..., H, D]`` at the step's positions;
+    ``backend.gated_mix(gate_projection, q, global_out, local_out) -> [..., H, D]`` (optional)
+        a fused pass-2 gate and mix from the **pre-RoPE** q (the TRT-LLM model's gate op,
+        ``torch.ops.trtllm_loop.gate_mix``); without it :func:`gated_mix` composes ``rope_q``, the gate and ``mix``.
 
 Slot plan (:mod:`trtllm_loop.config`): pass 1 of layer l -> slot 2l (full); pass 2 local -> slot 2l+1 (window W);
 pass 2 global -> slot 2l again, fed the pass-1 K/V of the same tokens (an idempotent re-append), so no read-only
@@ -62,6 +65,16 @@ class BufferStash(Stash):
         return self.buffer[layer, :self.n]
 
 
+def gated_mix(backend, gate_projection, q: torch.Tensor, global_out: torch.Tensor,
+              local_out: torch.Tensor) -> torch.Tensor:
+    """Pass 2's heads ``g * global + (1 - g) * local`` with ``g = gate_projection(RoPE(q))``, q pre-RoPE
+    ``[..., H, D]``: the backend's fused ``gated_mix`` where it has one, else the separate ops."""
+    fused = getattr(backend, "gated_mix", None)
+    if fused is not None:
+        return fused(gate_projection, q, global_out, local_out)
+    return mix(gate_projection(backend.rope_q(q)), global_out, local_out)
+
+
 def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash | None = None) -> torch.Tensor:
     """Both passes over the shared layers; h is the embedded input ``[..., hidden]``; returns the final-normed
     hidden state. ``cfg`` gives the head layout of the layers' q|k|v (per rank under tensor parallelism)."""
@@ -74,8 +87,8 @@ def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash 
     for l, layer in enumerate(model.layers):  # pass 2: gated mix of global and local attention
         qkv = layer.qkv(h)
         q = qkv[..., :qs]
-        g = model.gate_projections[l](backend.rope_q(q.unflatten(-1, heads)))
         global_out = backend.attend(cfg.pass1_slot(l), torch.cat([q, stash.get(l)], dim=-1))
         local_out = backend.attend(cfg.pass2_slot(l), qkv)
-        h = layer.finish(h, mix(g, global_out, local_out))
+        h = layer.finish(h, gated_mix(backend, model.gate_projections[l], q.unflatten(-1, heads), global_out,
+                                      local_out))
     return model.norm(h)
