@@ -62,7 +62,8 @@ def counting(steps: list):
             state["c"], state["layers"] = c, []
             out = forward(self, *a, **k)
         n = k["input_ids"].numel()
-        steps.append(dict(tokens=n, ops=c.ops, views=c.views, gate_mix=[[c.ops[i] for i in r] for r in state["layers"]]))
+        steps.append(dict(tokens=n, ops=c.ops, views=c.views,
+                          gate_mix=[[c.ops[i] for i in r] for r in state["layers"]]))
         return out
 
     def counted_attend(self, *a, **k):
