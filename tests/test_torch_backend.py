@@ -20,7 +20,9 @@ from trtllm_loop.cli import main
 from trtllm_loop.conformance import compute
 from trtllm_loop.errors import UserError
 from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
+from trtllm_loop.kernels.gate_mix import op_available
 from trtllm_loop.trtllm.torch_backend import run_logits
+from trtllm_loop.trtllm.torch_backend.modeling_iquest_loop import FUSED_GATE_ENV
 
 TOL = 1e-4
 FIX = "tests/fixtures/nvfp4"
@@ -363,15 +365,18 @@ def test_config_view_round_trip_and_errors():
         loop_config_from_view(dict(view, num_hidden_layers=3))
 
 
-def test_bfloat16_matches_the_paged_runtime_and_the_golden_argmax():
-    """BF16 (the production dtype of the gate and mix): same numbers as the paged emulator's BF16 run, and
-    the golden FP32 logits within the BF16 tolerance the golden README gives (~5e-2 relative to logits ~2)."""
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_bfloat16_matches_the_paged_runtime_and_the_golden_argmax(fused, monkeypatch):
+    """BF16 (the production dtype of the gate and mix): with the plain torch ops the same numbers as the paged
+    emulator's BF16 run; with the fused gate op (fp32 arithmetic inside, BF16 rounding once) within BF16 noise of
+    it; both the golden FP32 logits within the BF16 tolerance the golden README gives (~5e-2 relative to logits ~2)."""
+    monkeypatch.setenv(FUSED_GATE_ENV, fused)
     d, ids, expected = golden("s3_gatebias2_g5_w8_T24")
     seqs = [ids, ids[:9]]
     tb = compute(str(d), seqs, "torch-backend", dtype="bfloat16", chunk=5, tokens_per_block=4)
     pg = compute(str(d), seqs, "paged", dtype="bfloat16", chunk=5, tokens_per_block=4)
     for a, b in zip(tb, pg):
-        assert maxdiff(a, b) < 1e-6
+        assert maxdiff(a, b) < (1e-6 if fused == "0" else 0.1)
     assert maxdiff(tb[0], expected) < 0.2
     assert (tb[0].argmax(-1) == expected.argmax(-1)).all()
 
@@ -390,3 +395,85 @@ def test_pipeline_parallel_refused():
     pp2 = SimpleNamespace(pp_size=2, tp_size=1, tp_rank=0, rank=0, enable_attention_dp=False)
     with pytest.raises(ValueError, match="tensor parallelism only"):
         TrtllmLoopForCausalLM(ModelConfig(pretrained_config=pretrained, mapping=pp2))
+
+
+# ------------------------------------------------------------------------------------------ the fused gate op
+@pytest.fixture
+def gate_op_built():
+    assert op_available(), "torch.ops.trtllm_loop.gate_mix is not built: run `make plugins`"
+
+
+def test_fused_gate_op_and_the_plain_torch_ops_both_give_the_golden_logits(gate_op_built, monkeypatch):
+    """Pass 2 through torch.ops.trtllm_loop.gate_mix ($TRTLLM_LOOP_FUSED_GATE auto, the default where `make
+    plugins` built it, or 1) and through the plain torch ops (0): the same golden logits, batched and chunked."""
+    from trtllm_loop.trtllm.torch_backend import modeling_iquest_loop as m
+
+    calls = {"fused": 0}
+    fused_mix = m.TrtllmFusedGateBackend.gated_mix
+
+    def spy(self, *a):
+        calls["fused"] += 1
+        return fused_mix(self, *a)
+
+    monkeypatch.setattr(m.TrtllmFusedGateBackend, "gated_mix", spy)
+    d, ids, expected = golden(GOLDEN_CASES[0])
+    seqs = [ids, ids[:5]]
+    outs = {}
+    for mode in ("auto", "1", "0"):
+        monkeypatch.setenv(FUSED_GATE_ENV, mode)
+        before = calls["fused"]
+        outs[mode] = run_logits(d, seqs, chunk=4, tokens_per_block=4, prefill_len=9)
+        assert (calls["fused"] > before) == (mode != "0"), mode
+        for s, got in zip(seqs, outs[mode]):
+            assert maxdiff(got, expected[:len(s)]) < TOL, mode
+    for a, b in zip(outs["1"], outs["0"]):  # fp32 gate arithmetic either way: only the summation order differs
+        assert 0 < maxdiff(a, b) < 1e-5
+
+
+def test_fused_gate_switch(gate_op_built, monkeypatch):
+    from tensorrt_llm._torch.model_config import ModelConfig
+
+    from trtllm_loop.config import LoopConfig
+    from trtllm_loop.trtllm.torch_backend import modeling_iquest_loop as m
+    from trtllm_loop.trtllm.torch_backend.config_view import IQuestLoopTrtllmConfig, to_view_dict
+
+    view = IQuestLoopTrtllmConfig(**to_view_dict(LoopConfig.from_file(golden(GOLDEN_CASES[0])[0])))
+
+    def model(mode):
+        monkeypatch.setenv(FUSED_GATE_ENV, mode)
+        return m.TrtllmLoopForCausalLM(ModelConfig(pretrained_config=view)).model
+
+    cpu = torch.device("cpu")
+    assert model("0").use_gate_op(cpu) is False
+    assert model(" AUTO ").use_gate_op(cpu) is True and model("").use_gate_op(cpu) is True
+    assert model("1").use_gate_op(cpu) is True
+    with pytest.raises(ValueError, match="TRTLLM_LOOP_FUSED_GATE='yes': use auto .*, 0 .* or 1"):
+        model("yes")
+    monkeypatch.setattr(m, "op_available", lambda device: False)  # a library built without this device's kernel
+    assert model("auto").use_gate_op(cpu) is False
+    with pytest.raises(RuntimeError, match="TRTLLM_LOOP_FUSED_GATE=1 but .* has no cpu kernel: build it with"):
+        model("1").use_gate_op(cpu)
+
+
+def test_aten_ops_per_decode_step_of_pass_2(gate_op_built, tmp_path):
+    """bench/gate_op_count.py's count (figures in bench/results/gate_op_count.md): with the op, pass 2's gate and
+    mix are one op per layer; without it, exactly the ops of the torch composition (RoPE of q, gate, mix)."""
+    import importlib.util
+
+    from conftest import REPO
+    from trtllm_loop.modeling.ops import apply_rope, gate, mix
+
+    spec = importlib.util.spec_from_file_location("gate_op_count", REPO / "bench" / "gate_op_count.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    d, conf, _ = make_checkpoint(tmp_path / "ck", num_hidden_layers=3)
+    plain, fused = bench.count(d, fused=False), bench.count(d, fused=True)
+    L, H, D = 3, conf["num_attention_heads"], conf["head_dim"]
+    assert fused["gate_mix_per_layer"] == [["trtllm_loop.gate_mix.default"]] * L
+    q, g_out, l_out, cos, w, b = (torch.randn(*s) for s in ((1, H, D), (1, H, D), (1, H, D), (1, D), (H, D), (H,)))
+    with bench.OpCounter() as c:  # the composition, counted on its own
+        mix(gate(apply_rope(q, cos, cos), w, b), g_out, l_out)
+    assert len(c.ops) >= 12 and "aten.sigmoid.default" in c.ops
+    assert plain["gate_mix_per_layer"] == [c.ops] * L
+    assert plain["attention_calls"] == fused["attention_calls"] == 3 * L
+    assert plain["step_ops"] - fused["step_ops"] >= L * (len(c.ops) - 1)

@@ -20,7 +20,14 @@ The backend implements TensorRT-LLM's attention contract
         values again is a no-op), then attention of q over the slot up to each query's position, restricted to
         the slot's window from :meth:`LoopConfig.slot_plan` (W keys, the current one included; None = full);
     ``backend.rope_q(q) -> q_rot``
-        RoPE of a query ``[..., H, D]`` at the step's positions.
+        RoPE of a query ``[..., H, D]`` at the step's positions;
+    ``backend.gated_mix(gate_projection, q, global_out, local_out) -> [..., H, D]`` (optional)
+        a fused pass-2 gate and mix from the **pre-RoPE** q (the gate plugin / op); without it :func:`gated_mix`
+        composes ``rope_q``, the gate and ``mix``;
+    ``backend.glue`` (optional)
+        how fused q|k|v is carved and joined: :class:`TorchGlue` (eager torch) by default; a graph-building
+        backend (the TensorRT engine flow, whose ``tensorrt_llm.functional.Tensor`` has no indexing and is no
+        ``torch`` tensor) brings its own.
 
 Slot plan (:mod:`trtllm_loop.config`): pass 1 of layer l -> slot 2l (full); pass 2 local -> slot 2l+1 (window W);
 pass 2 global -> slot 2l again, fed the pass-1 K/V of the same tokens (an idempotent re-append), so no read-only
@@ -62,10 +69,38 @@ class BufferStash(Stash):
         return self.buffer[layer, :self.n]
 
 
+class TorchGlue:
+    """Carving and joining fused q|k|v with torch ops (every eager backend)."""
+
+    @staticmethod
+    def split_q(qkv: torch.Tensor, q_size: int):
+        """``[..., q_size + 2 * kv_size]`` -> (q ``[..., q_size]``, k|v ``[..., 2 * kv_size]``)."""
+        return qkv[..., :q_size], qkv[..., q_size:]
+
+    @staticmethod
+    def join(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return torch.cat([q, kv], dim=-1)
+
+    @staticmethod
+    def heads(q: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+        return q.unflatten(-1, (num_heads, head_dim))
+
+
+def gated_mix(backend, gate_projection, q: torch.Tensor, global_out: torch.Tensor,
+              local_out: torch.Tensor) -> torch.Tensor:
+    """Pass 2's heads ``g * global + (1 - g) * local`` with ``g = gate_projection(RoPE(q))``, q pre-RoPE
+    ``[..., H, D]``: the backend's fused ``gated_mix`` where it has one, else the separate ops."""
+    fused = getattr(backend, "gated_mix", None)
+    if fused is not None:
+        return fused(gate_projection, q, global_out, local_out)
+    return mix(gate_projection(backend.rope_q(q)), global_out, local_out)
+
+
 def pass1_step(layer, l: int, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash) -> torch.Tensor:
     """Pass 1 of layer ``l`` (plain Llama): stash the pre-RoPE k|v, attend over slot 2l."""
+    glue = getattr(backend, "glue", TorchGlue)
     qkv = layer.qkv(h)
-    stash.put(l, qkv[..., cfg.q_size:])
+    stash.put(l, glue.split_q(qkv, cfg.q_size)[1])
     return layer.finish(h, backend.attend(cfg.pass1_slot(l), qkv))
 
 
@@ -73,13 +108,13 @@ def pass2_step(layer, gate_projection, l: int, h: torch.Tensor, backend, cfg: Lo
                stash: Stash) -> torch.Tensor:
     """Pass 2 of layer ``l``: gated mix of global attention (slot 2l, re-fed the stashed pass-1 k|v) and local
     attention (slot 2l+1, window W); the gate reads the post-RoPE pass-2 query."""
-    qs, heads = cfg.q_size, (cfg.num_attention_heads, cfg.head_dim)
+    glue = getattr(backend, "glue", TorchGlue)
     qkv = layer.qkv(h)
-    q = qkv[..., :qs]
-    g = gate_projection(backend.rope_q(q.unflatten(-1, heads)))
-    global_out = backend.attend(cfg.pass1_slot(l), torch.cat([q, stash.get(l)], dim=-1))
+    q = glue.split_q(qkv, cfg.q_size)[0]
+    global_out = backend.attend(cfg.pass1_slot(l), glue.join(q, stash.get(l)))
     local_out = backend.attend(cfg.pass2_slot(l), qkv)
-    return layer.finish(h, mix(g, global_out, local_out))
+    heads = glue.heads(q, cfg.num_attention_heads, cfg.head_dim)
+    return layer.finish(h, gated_mix(backend, gate_projection, heads, global_out, local_out))
 
 
 def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash | None = None) -> torch.Tensor:
@@ -87,8 +122,8 @@ def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash 
     hidden state. ``cfg`` gives the head layout of the layers' q|k|v (per rank under tensor parallelism).
     A layer-streaming driver (``trtllm_loop.quantize.stream``) runs the same two steps one layer at a time."""
     stash = Stash() if stash is None else stash
-    for l, layer in enumerate(model.layers):
+    for l, layer in enumerate(model.layers):  # pass 1: plain Llama
         h = pass1_step(layer, l, h, backend, cfg, stash)
-    for l, layer in enumerate(model.layers):
+    for l, layer in enumerate(model.layers):  # pass 2: gated mix of global and local attention
         h = pass2_step(layer, model.gate_projections[l], l, h, backend, cfg, stash)
     return model.norm(h)

@@ -11,8 +11,12 @@ slot of the 2L slot plan (:meth:`trtllm_loop.config.LoopConfig.slot_plan`):
   3.4);
 * slot ``2l+1``: pass 2 local, ``attention_window_size = loop_window_size``.
 
-The gate ``sigmoid(<RoPE(q2)_h, Wg_h> + bg_h)`` and the mix run in the activation dtype (BF16 in production; no
-``out_scale``, so no quantized attention output). The pass-1 K/V of the step wait in a stash preallocated for
+The gate ``sigmoid(<RoPE(q2)_h, Wg_h> + bg_h)`` and the mix run as one op where it is built, the gate plugin's
+kernel ``torch.ops.trtllm_loop.gate_mix`` (``plugins/loop_gate/``, ``make plugins``; fp32 arithmetic on BF16 I/O),
+else as the plain torch ops of :mod:`trtllm_loop.modeling.ops` in the activation dtype (BF16 in production; no
+``out_scale``, so no quantized attention output). ``$TRTLLM_LOOP_FUSED_GATE`` chooses: ``auto`` (default: the op
+where it has a kernel for the model's device), ``0`` (the plain torch ops, the reference), ``1`` (the op, or an
+error). The pass-1 K/V of the step wait in a stash preallocated for
 ``max_num_tokens`` tokens (:class:`~trtllm_loop.modeling.loop.BufferStash`; no allocation, host sync or
 data-dependent branch inside ``forward``: the whole step can be captured in a CUDA graph). Tensor parallelism
 follows TRT-LLM's ``Mapping``: q heads, KV heads and gate rows split alike (column-parallel QKV, row-parallel
@@ -28,6 +32,7 @@ TRT-LLM sources each call follows (release 1.2.1, ``NVIDIA/TensorRT-LLM``):
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -58,6 +63,7 @@ from tensorrt_llm.bindings import LayerType  # noqa: E402
 from tensorrt_llm.functional import PositionEmbeddingType  # noqa: E402
 
 from trtllm_loop.config import ARCHITECTURE, LoopConfig  # noqa: E402
+from trtllm_loop.kernels.gate_mix import op_available  # noqa: E402
 from trtllm_loop.modeling.loop import BufferStash, loop_forward  # noqa: E402
 from trtllm_loop.modeling.ops import apply_rope, gate, rope_cos_sin, rope_inv_freq  # noqa: E402
 from trtllm_loop.trtllm.torch_backend.config_view import loop_config_from_view  # noqa: E402
@@ -172,6 +178,25 @@ class TrtllmSlotBackend:
         return out.view(qkv.shape[0], self.cfg.num_attention_heads, self.cfg.head_dim)
 
 
+class TrtllmFusedGateBackend(TrtllmSlotBackend):
+    """:class:`TrtllmSlotBackend` with pass 2's RoPE of q2, gate and mix fused into one op (``gated_mix``, which
+    :func:`~trtllm_loop.modeling.loop.gated_mix` prefers): one kernel per layer instead of about a dozen."""
+
+    def __init__(self, slot_attention: dict, rank_cfg: LoopConfig, attn_metadata, positions: torch.Tensor,
+                 rope_theta: float):
+        super().__init__(slot_attention, rank_cfg, attn_metadata, None, None)
+        self.positions, self.rope_theta = positions, rope_theta
+
+    def gated_mix(self, gate_projection: TrtllmGateProjection, q: torch.Tensor, global_out: torch.Tensor,
+                  local_out: torch.Tensor) -> torch.Tensor:
+        return torch.ops.trtllm_loop.gate_mix(q, self.positions, global_out, local_out, gate_projection.weight,
+                                              gate_projection.bias, self.rope_theta)
+
+
+FUSED_GATE_ENV = "TRTLLM_LOOP_FUSED_GATE"
+FUSED_GATE_MODES = ("auto", "0", "1")
+
+
 class TrtllmLoopModel(DecoderModel):
 
     def __init__(self, model_config: ModelConfig):
@@ -181,6 +206,10 @@ class TrtllmLoopModel(DecoderModel):
             # DecoderModel.__pp_init__ would split num_hidden_layers (the 2L KV layers) over our L modules
             raise ValueError("IQuestLoopCoderForCausalLM supports tensor parallelism only (pipeline_parallel_size 1, "
                              "no attention DP): both passes run every layer, so a PP stage would wait for the others")
+        self.fused_gate = os.environ.get(FUSED_GATE_ENV, "auto").strip().lower() or "auto"
+        if self.fused_gate not in FUSED_GATE_MODES:
+            raise ValueError(f"{FUSED_GATE_ENV}={self.fused_gate!r}: use auto (the gate op where it is built), 0 (the "
+                             "plain torch ops) or 1 (the gate op, required)")
         cfg = loop_config_from_view(model_config.pretrained_config)
         self.loop_cfg, self.rank_cfg = cfg, cfg.per_rank(mapping.tp_size)
         dtype = model_config.pretrained_config.torch_dtype
@@ -204,11 +233,26 @@ class TrtllmLoopModel(DecoderModel):
         return rope_cos_sin(position_ids.reshape(-1), self.loop_cfg.head_dim, self.loop_cfg.rope_theta, dtype,
                             inv_freq=self.rope_inv_freq)
 
+    def use_gate_op(self, device: torch.device) -> bool:
+        """Whether pass 2 runs the fused gate op (``$TRTLLM_LOOP_FUSED_GATE``, the op's kernels for ``device``)."""
+        if self.fused_gate == "0":
+            return False
+        if op_available(device):
+            return True
+        if self.fused_gate == "1":
+            raise RuntimeError(f"{FUSED_GATE_ENV}=1 but torch.ops.trtllm_loop.gate_mix has no {device.type} kernel: "
+                               "build it with `make plugins` (a CUDA kernel needs a CUDA torch) or unset the variable")
+        return False
+
     def forward(self, attn_metadata, input_ids: torch.Tensor = None, position_ids: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, lora_params=None, **kwargs) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        backend = TrtllmSlotBackend(self.slot_attention, self.rank_cfg, attn_metadata,
-                                    *self.rope_tables(position_ids, h.dtype))
+        if self.use_gate_op(h.device):
+            backend = TrtllmFusedGateBackend(self.slot_attention, self.rank_cfg, attn_metadata,
+                                             position_ids.reshape(-1).to(torch.int32), self.loop_cfg.rope_theta)
+        else:
+            backend = TrtllmSlotBackend(self.slot_attention, self.rank_cfg, attn_metadata,
+                                        *self.rope_tables(position_ids, h.dtype))
         return loop_forward(self, h, backend, self.rank_cfg, BufferStash(self.kv_stash, h.shape[0]))
 
 
