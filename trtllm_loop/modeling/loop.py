@@ -22,6 +22,14 @@ The backend implements TensorRT-LLM's attention contract
     ``backend.rope_q(q) -> q_rot``
         RoPE of a query ``[..., H, D]`` at the step's positions.
 
+A graph-building backend (the TensorRT engine flow, whose tensors are ``tensorrt_llm.functional.Tensor`` and
+support neither indexing nor ``torch.cat``) also provides
+    ``backend.glue``
+        how fused q|k|v is carved and joined (:class:`TorchGlue` is the eager default);
+    ``backend.gate_mix(gate_projection, q, global_out, local_out) -> [..., H, D]`` (optional)
+        the gate and the mix as one fused op of the **pre-RoPE** query (the engine's gate plugin); without it
+        the schedule runs ``mix(gate_projection(rope_q(q)), global_out, local_out)``.
+
 Slot plan (:mod:`trtllm_loop.config`): pass 1 of layer l -> slot 2l (full); pass 2 local -> slot 2l+1 (window W);
 pass 2 global -> slot 2l again, fed the pass-1 K/V of the same tokens (an idempotent re-append), so no read-only
 attention is ever needed. The pass-1 K/V wait for pass 2 in a :class:`Stash`.
@@ -62,20 +70,41 @@ class BufferStash(Stash):
         return self.buffer[layer, :self.n]
 
 
+class TorchGlue:
+    """Carving and joining fused q|k|v with torch ops (every eager backend)."""
+
+    @staticmethod
+    def split_q(qkv: torch.Tensor, q_size: int):
+        """``[..., q_size + 2 * kv_size]`` -> (q ``[..., q_size]``, k|v ``[..., 2 * kv_size]``)."""
+        return qkv[..., :q_size], qkv[..., q_size:]
+
+    @staticmethod
+    def join(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return torch.cat([q, kv], dim=-1)
+
+    @staticmethod
+    def heads(q: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+        return q.unflatten(-1, (num_heads, head_dim))
+
+
 def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash | None = None) -> torch.Tensor:
     """Both passes over the shared layers; h is the embedded input ``[..., hidden]``; returns the final-normed
     hidden state. ``cfg`` gives the head layout of the layers' q|k|v (per rank under tensor parallelism)."""
     stash = Stash() if stash is None else stash
+    glue, gate_mix = getattr(backend, "glue", TorchGlue), getattr(backend, "gate_mix", None)
     qs, heads = cfg.q_size, (cfg.num_attention_heads, cfg.head_dim)
     for l, layer in enumerate(model.layers):  # pass 1: plain Llama
         qkv = layer.qkv(h)
-        stash.put(l, qkv[..., qs:])
+        stash.put(l, glue.split_q(qkv, qs)[1])
         h = layer.finish(h, backend.attend(cfg.pass1_slot(l), qkv))
     for l, layer in enumerate(model.layers):  # pass 2: gated mix of global and local attention
         qkv = layer.qkv(h)
-        q = qkv[..., :qs]
-        g = model.gate_projections[l](backend.rope_q(q.unflatten(-1, heads)))
-        global_out = backend.attend(cfg.pass1_slot(l), torch.cat([q, stash.get(l)], dim=-1))
+        q = glue.split_q(qkv, qs)[0]
+        global_out = backend.attend(cfg.pass1_slot(l), glue.join(q, stash.get(l)))
         local_out = backend.attend(cfg.pass2_slot(l), qkv)
-        h = layer.finish(h, mix(g, global_out, local_out))
+        q = glue.heads(q, *heads)
+        if gate_mix is not None:
+            h = layer.finish(h, gate_mix(model.gate_projections[l], q, global_out, local_out))
+        else:
+            h = layer.finish(h, mix(model.gate_projections[l](backend.rope_q(q)), global_out, local_out))
     return model.norm(h)
