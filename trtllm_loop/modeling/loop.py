@@ -20,15 +20,14 @@ The backend implements TensorRT-LLM's attention contract
         values again is a no-op), then attention of q over the slot up to each query's position, restricted to
         the slot's window from :meth:`LoopConfig.slot_plan` (W keys, the current one included; None = full);
     ``backend.rope_q(q) -> q_rot``
-        RoPE of a query ``[..., H, D]`` at the step's positions.
-
-A graph-building backend (the TensorRT engine flow, whose tensors are ``tensorrt_llm.functional.Tensor`` and
-support neither indexing nor ``torch.cat``) also provides
-    ``backend.glue``
-        how fused q|k|v is carved and joined (:class:`TorchGlue` is the eager default);
-    ``backend.gate_mix(gate_projection, q, global_out, local_out) -> [..., H, D]`` (optional)
-        the gate and the mix as one fused op of the **pre-RoPE** query (the engine's gate plugin); without it
-        the schedule runs ``mix(gate_projection(rope_q(q)), global_out, local_out)``.
+        RoPE of a query ``[..., H, D]`` at the step's positions;
+    ``backend.gated_mix(gate_projection, q, global_out, local_out) -> [..., H, D]`` (optional)
+        a fused pass-2 gate and mix from the **pre-RoPE** q (the gate plugin / op); without it :func:`gated_mix`
+        composes ``rope_q``, the gate and ``mix``;
+    ``backend.glue`` (optional)
+        how fused q|k|v is carved and joined: :class:`TorchGlue` (eager torch) by default; a graph-building
+        backend (the TensorRT engine flow, whose ``tensorrt_llm.functional.Tensor`` has no indexing and is no
+        ``torch`` tensor) brings its own.
 
 Slot plan (:mod:`trtllm_loop.config`): pass 1 of layer l -> slot 2l (full); pass 2 local -> slot 2l+1 (window W);
 pass 2 global -> slot 2l again, fed the pass-1 K/V of the same tokens (an idempotent re-append), so no read-only
@@ -87,11 +86,21 @@ class TorchGlue:
         return q.unflatten(-1, (num_heads, head_dim))
 
 
+def gated_mix(backend, gate_projection, q: torch.Tensor, global_out: torch.Tensor,
+              local_out: torch.Tensor) -> torch.Tensor:
+    """Pass 2's heads ``g * global + (1 - g) * local`` with ``g = gate_projection(RoPE(q))``, q pre-RoPE
+    ``[..., H, D]``: the backend's fused ``gated_mix`` where it has one, else the separate ops."""
+    fused = getattr(backend, "gated_mix", None)
+    if fused is not None:
+        return fused(gate_projection, q, global_out, local_out)
+    return mix(gate_projection(backend.rope_q(q)), global_out, local_out)
+
+
 def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash | None = None) -> torch.Tensor:
     """Both passes over the shared layers; h is the embedded input ``[..., hidden]``; returns the final-normed
     hidden state. ``cfg`` gives the head layout of the layers' q|k|v (per rank under tensor parallelism)."""
     stash = Stash() if stash is None else stash
-    glue, gate_mix = getattr(backend, "glue", TorchGlue), getattr(backend, "gate_mix", None)
+    glue = getattr(backend, "glue", TorchGlue)
     qs, heads = cfg.q_size, (cfg.num_attention_heads, cfg.head_dim)
     for l, layer in enumerate(model.layers):  # pass 1: plain Llama
         qkv = layer.qkv(h)
@@ -102,9 +111,6 @@ def loop_forward(model, h: torch.Tensor, backend, cfg: LoopConfig, stash: Stash 
         q = glue.split_q(qkv, qs)[0]
         global_out = backend.attend(cfg.pass1_slot(l), glue.join(q, stash.get(l)))
         local_out = backend.attend(cfg.pass2_slot(l), qkv)
-        q = glue.heads(q, *heads)
-        if gate_mix is not None:
-            h = layer.finish(h, gate_mix(model.gate_projections[l], q, global_out, local_out))
-        else:
-            h = layer.finish(h, mix(model.gate_projections[l](backend.rope_q(q)), global_out, local_out))
+        h = layer.finish(h, gated_mix(backend, model.gate_projections[l], glue.heads(q, *heads), global_out,
+                                      local_out))
     return model.norm(h)

@@ -158,7 +158,7 @@ class EngineSlotBackend:
     def __init__(self, model: "IQuestLoopEngineForCausalLM", position_ids, kv, attn):
         self.m, self.position_ids, self.kv, self.attn = model, position_ids, kv, attn
         if model.config.loop_gate_plugin:
-            self.gate_mix = self._gate_mix_plugin
+            self.gated_mix = self._gated_mix_plugin
 
     def attend(self, slot: int, qkv):
         m, c, kv, attn = self.m, self.m.rank_cfg, self.kv, self.attn
@@ -190,7 +190,7 @@ class EngineSlotBackend:
         x1, x2 = split(q, q.shape[-1] // 2, dim=-1)
         return q * cos + concat([x2 * -1.0, x1], dim=-1) * sin
 
-    def _gate_mix_plugin(self, gate_projection, q, global_out, local_out):
+    def _gated_mix_plugin(self, gate_projection, q, global_out, local_out):
         from trtllm_loop.trtllm.engine.gate_plugin import gate_mix_plugin
 
         c = self.m.rank_cfg
