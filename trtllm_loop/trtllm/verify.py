@@ -91,7 +91,7 @@ def write_model(out: Path, geometry: str, dtype: str, seed: int) -> Path:
 
 def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: str | None = None,
            keep: bool = False, seed: int = 0, model: str | None = None, json_out: str | None = None,
-           log=print) -> dict:
+           log=print, backend: str = "pytorch", gate_plugin: str | None = None) -> dict:
     from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
 
     tllm, is_double = ensure_tensorrt_llm(prefer_double=not gpu)
@@ -111,7 +111,12 @@ def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: s
     root = Path(work) if work else Path(tempfile.mkdtemp(prefix="trtllm-loop-verify-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
+        if backend == "tensorrt":  # the engine flow (TRT-LLM 1.2.x): trtllm_loop/trtllm/engine/verify.py
+            from trtllm_loop.trtllm.engine.verify import run_engine_verify
+            report = run_engine_verify(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log,
+                                       gate_plugin=gate_plugin)
+        else:
+            report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
         text = json.dumps(report, indent=2) + "\n"
         (root / "report.json").write_text(text)
         if json_out:  # written whole, then renamed: never a partial report

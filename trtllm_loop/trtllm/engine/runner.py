@@ -20,6 +20,8 @@ from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
 
 def kind_of(path: Path) -> str:
     """"engine" (config.json with pretrained_config), "trtllm-ckpt" (architecture + rank files) or "hf"."""
+    if (path / "engine" / "config.json").is_file() and not (path / "config.json").is_file():
+        return "engine-dir"  # what `build --backend tensorrt` writes: the engines are in engine/
     try:
         d = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -93,6 +95,8 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
         raise UserError("every --ids file must hold at least one token id")
     src = Path(src)
     kind = kind_of(src)
+    if kind == "engine-dir":
+        src, kind = src / "engine", "engine"
     load_gate_plugin()
     with tempfile.TemporaryDirectory(prefix="trtllm-loop-engine-") as tmp:
         if kind == "hf":
