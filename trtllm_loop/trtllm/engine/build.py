@@ -184,7 +184,7 @@ def _build_ranks(src: Path, engine_dir: Path, bc, tp: int, lib: Path | None, is_
 
     if lib is not None:
         load_gate_plugin(str(lib))
-    for r in range(tp):
+    def rank(r: int) -> None:
         config = PretrainedConfig.from_json_file(str(src / "config.json"))
         config.loop_gate_plugin = lib is not None
         try:
@@ -193,6 +193,13 @@ def _build_ranks(src: Path, engine_dir: Path, bc, tp: int, lib: Path | None, is_
             raise UserError(f"{src}: {e}") from None
         engine = build(model, BuildConfig.from_dict(_build_config(bc, lib is not None)))
         engine.save(str(engine_dir))
+
+    if tp > 1 and is_double:  # the double's build runs the forward once: its collectives need every rank
+        from tensorrt_llm._torch.distributed import SimulatedWorld
+        SimulatedWorld(tp).run(rank)
+    else:  # real TensorRT-LLM: one rank after the other (or one process per rank), nothing executes
+        for r in range(tp):
+            rank(r)
 
 
 def _render(tmp: Path, out: Path, bc, tp: int) -> None:
