@@ -168,7 +168,8 @@ def test_build_from_a_trtllm_checkpoint_keeps_its_shards(tmp_path):
     with pytest.raises(UserError, match="tp 2; convert the HF checkpoint again"):
         from trtllm_loop.trtllm.engine.build import build_engine
         build_engine(tmp_path / "ck", B200, tmp_path / "o", tp=4, tokenizer=str(_tok()))
-    assert main(["build", str(tmp_path / "ck"), "--backend", "tensorrt", "--config", str(B200), "--out",
+    cfg = _config(tmp_path, weight_formats=["bf16", "fp32"])
+    assert main(["build", str(tmp_path / "ck"), "--backend", "tensorrt", "--config", str(cfg), "--out",
                  str(tmp_path / "eng"), "--tokenizer", str(_tok())]) == 0
     assert sorted(p.name for p in (tmp_path / "eng" / "engine").glob("*.engine")) == ["rank0.engine", "rank1.engine"]
     assert "mpirun -n 2" in (tmp_path / "eng" / "launch_triton.sh").read_text()
