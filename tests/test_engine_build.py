@@ -188,3 +188,42 @@ def test_verify_backend_tensorrt_passes_and_writes_the_report(tmp_path):
     assert [run["batch"] for run in r["runs"]] == [[12], [12, 149]]
     assert r["runtime_config"]["kv_cache_config"]["max_attention_window"] == [1024, r["window"]]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_gb10_nvfp4_engines_run_w4a4_like_the_reference(tmp_path):
+    """NVFP4: PretrainedModel's quantize swaps the linears for FP4Linear / FP4RowLinear (gates, embedding and
+    lm_head excluded), the builder turns the NVFP4 GEMM plugin on, and the engines' W4A4 math equals the
+    reference's NVFP4 activation emulation over the same bf16 activations."""
+    out = tmp_path / "gb10"
+    assert main(["build", str(FIX / "modelopt_nvfp4"), "--backend", "tensorrt", "--config",
+                 str(REPO / "build_configs/gb10.yaml"), "--out", str(out), "--tokenizer", str(_tok())]) == 0
+    ec = json.loads((out / "engine/config.json").read_text())
+    assert ec["build_config"]["plugin_config"]["gemm_plugin"] == "nvfp4"
+    assert ec["pretrained_config"]["quantization"]["quant_algo"] == "NVFP4"
+    from tensorrt_llm._eager_engine import load_engine
+    from tensorrt_llm.quantization.layers import FP4Linear, FP4RowLinear
+
+    model, _ = load_engine(str(out / "engine"), 0)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (FP4Linear, FP4RowLinear))}
+    assert len(kinds) == 2 * 5 and "lm_head" not in kinds and kinds["transformer.layers.0.attention.dense"] == \
+        "FP4RowLinear"
+    seqs = [[5, 9, 1, 77, 3, 120, 4, 4, 8, 60, 2, 31, 7], [11, 12]]
+    got = compute(str(out), seqs, "engine", chunk=4)
+    want = compute(str(FIX / "modelopt_nvfp4"), seqs, "paged", dtype="bfloat16", emulate_activations="nvfp4")
+    for g, w in zip(got, want):
+        assert float(np.abs(g - w).max()) < 1e-4
+
+
+def test_nvfp4_tp2_engine_logits_equal_the_fp32_w4a4_reference(tmp_path):
+    seqs = [[5, 9, 1, 77, 3, 120, 4, 4, 8, 60, 2, 31, 7]]
+    got = compute(str(FIX / "modelopt_nvfp4"), seqs, "engine", chunk=4, tp=2)
+    want = compute(str(FIX / "modelopt_nvfp4"), seqs, "paged", emulate_activations="nvfp4")
+    assert float(np.abs(got[0] - want[0]).max()) < 1e-4
+
+
+def test_fp8_engines_are_beyond_the_double_and_say_so(tmp_path):
+    from trtllm_loop.trtllm.engine.build import build_engine
+
+    with pytest.raises(UserError, match="dense and NVFP4 engines only, not FP8"):
+        build_engine(FIX / "modelopt_fp8", REPO / "build_configs/h200-fp8.yaml", tmp_path / "o", tokenizer=str(_tok()))
+    assert not (tmp_path / "o").exists()

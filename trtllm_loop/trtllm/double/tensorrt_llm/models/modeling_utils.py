@@ -121,14 +121,77 @@ class PretrainedConfig:
         self.mapping.rank = rank
 
 
-class PretrainedModel(Module):
-    """``PretrainedModel`` (engine flow), a ``Module``: ``from_checkpoint(ckpt_dir, rank)`` reads
-    ``rank{r}.safetensors`` and loads it strictly (``load``: every parameter must be provided, "Required but
-    not provided tensors"; extras only warn upstream)."""
+class PostInitCaller(type):
+
+    def __call__(cls, *args, **kwargs):
+        obj = type.__call__(cls, *args, **kwargs)
+        obj.__post_init__()
+        return obj
+
+
+def _quantize(model, quant_config) -> None:
+    """``quantization/quantize.py`` ``quantize`` (not in ../shared/reference), NVFP4 only: every ``Linear`` /
+    ``RowLinear`` whose module name no ``exclude_modules`` pattern matches becomes ``FP4Linear`` /
+    ``FP4RowLinear`` with the same features and TP split."""
+    from tensorrt_llm.layers.linear import Linear, RowLinear
+    from tensorrt_llm.quantization.layers import FP4Linear, FP4RowLinear
+
+    if quant_config.quant_algo is None:
+        return
+    if quant_config.quant_algo != QuantAlgo.NVFP4:
+        raise NotImplementedError(f"the double runs dense and NVFP4 engines only, not "
+                                  f"{quant_config.quant_algo.value} (its quantized GEMMs are CUDA kernels)")
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, m in list(parent._modules.items()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(m) not in (Linear, RowLinear) or quant_config.is_module_excluded_from_quantization(name):
+                continue
+            tp = m.tp_size
+            if type(m) is Linear:
+                new = FP4Linear(m.in_features, m.out_features * tp, bias=m.bias is not None, dtype=m.weight.dtype,
+                                tp_group=m.tp_group, tp_size=tp, gather_output=m.gather_output, is_qkv=m.is_qkv)
+            else:
+                new = FP4RowLinear(m.in_features * tp, m.out_features, bias=m.bias is not None, dtype=m.weight.dtype,
+                                   tp_group=m.tp_group, tp_size=tp)
+            setattr(parent, child_name, new)
+
+
+def _preprocess_nvfp4(weights: dict) -> dict:
+    """``preprocess_perlayer_weights`` (modeling_utils.py), NVFP4 branch: checkpoint names -> layer names, the
+    block scales also interleaved (upstream: ``torch.ops.trtllm.block_scale_interleave``; here
+    :func:`trtllm_loop.nvfp4.swizzle_block_scale`, the same 128x4 layout), ``alpha = act_sf * weight_sf``."""
+    from trtllm_loop import nvfp4
+
+    for name in list(weights):
+        if name.endswith('weights_scaling_factor'):
+            t = weights.pop(name)
+            n, kb = t.shape
+            new = name.replace('weights_scaling_factor', 'weights_block_scaling_factor')
+            weights[new] = t
+            weights[new + "_interleaved"] = nvfp4.swizzle_block_scale(t).reshape(-(-n // 128) * 128, -(-kb // 4) * 4)
+        elif name.endswith('weights_scaling_factor_2'):
+            weights[name.replace('weights_scaling_factor_2', 'weights_global_scaling_factor')] = weights.pop(name)
+        elif name.endswith('activation_scaling_factor'):
+            weights[name.replace('activation_scaling_factor', 'activation_global_scaling_factor')] = weights.pop(name)
+    for name in list(weights):
+        if name.endswith('weights_global_scaling_factor'):
+            act = weights[name.replace('weights_global_scaling_factor', 'activation_global_scaling_factor')]
+            weights[name.replace('weights_global_scaling_factor', 'alpha')] = act * weights[name]
+    return weights
+
+
+class PretrainedModel(Module, metaclass=PostInitCaller):
+    """``PretrainedModel`` (engine flow), a ``Module``: after ``__init__`` the layers are swapped for the
+    quantization's (``__post_init__`` -> ``quantize``); ``from_checkpoint(ckpt_dir, rank)`` reads
+    ``rank{r}.safetensors``, preprocesses it (NVFP4) and loads it strictly (``load``: every parameter must be
+    provided, "Required but not provided tensors"; extras only warn upstream)."""
 
     def __init__(self, config: "PretrainedConfig"):
         super().__init__()
         self.config = config
+
+    def __post_init__(self):
+        _quantize(self, self.config.quantization)
 
     @classmethod
     def from_config(cls, config: "PretrainedConfig"):
@@ -150,11 +213,8 @@ class PretrainedModel(Module):
         weights = safetensors.torch.load_file(weights_path)
         if preprocess_weights_hook is not None:
             weights = preprocess_weights_hook(weights)
-        if config.quantization.quant_algo is not None:
-            # preprocess_weights + quantize(): NVFP4 block scales are interleaved by the compiled
-            # torch.ops.trtllm.block_scale_interleave, FP8/FP4 linears are TRT-LLM plugins
-            raise NotImplementedError(f"the double runs dense engines only, not {config.quantization.quant_algo.value} "
-                                      "(its quantized GEMMs are CUDA kernels); build and run those on a GPU box")
+        if config.quantization.quant_algo == QuantAlgo.NVFP4:
+            weights = _preprocess_nvfp4(weights)
         model = cls(config)
         model.load(weights)
         return model
