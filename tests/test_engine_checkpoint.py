@@ -4,14 +4,13 @@ never quantized, refusals with the fix."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, unequal_fused_scales
 from trtllm_loop import nvfp4
 from trtllm_loop.checkpoint import load_state_dict
 from trtllm_loop.cli import main
@@ -31,7 +30,7 @@ def test_config_names_and_the_tensor_parallel_split(tmp_path):
     assert cfg["mapping"] == {"world_size": 4, "tp_size": 4, "pp_size": 1} and cfg["quantization"]["quant_algo"] is None
     assert (cfg["position_embedding_type"], cfg["rotary_base"], cfg["head_size"]) == ("rope_gpt_neox", 500000.0, 12)
     assert rep["quantization"] is None and rep["dtype"] == "float32"
-    H, Hkv, D, hid = 4, 2, 12, 48
+    Hkv, D, hid = 2, 12, 48
     for r in range(4):
         sd = load_file(str(tmp_path / "ck" / f"rank{r}.safetensors"))
         p = "transformer.layers.1."
@@ -93,11 +92,7 @@ def test_nvfp4_keeps_its_bytes_under_trtllm_names(tmp_path):
 
 
 def test_nvfp4_with_unequal_fused_global_scales_is_refused_with_the_fix(tmp_path):
-    d = tmp_path / "src"
-    shutil.copytree(f"{FIX}/modelopt_nvfp4", d)
-    sd = load_file(str(d / "model.safetensors"))
-    sd["model.layers.0.self_attn.k_proj.weight_scale_2"] = sd["model.layers.0.self_attn.k_proj.weight_scale_2"] * 2
-    save_file(sd, str(d / "model.safetensors"))
+    d = unequal_fused_scales(tmp_path)
     with pytest.raises(UserError, match="different weight global scales.*--fix-fused-scales"):
         convert_trtllm(d, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()

@@ -67,6 +67,23 @@ def _compare_logprobs(prompt_logprobs: list, ref: np.ndarray) -> dict:
     return {"per_position": dev, "max_abs": float(max(dev)), "top1_agree": None}
 
 
+def summarize(runs: list, tol: float, log) -> tuple[dict, bool]:
+    """The report's ``phases`` (prefill / decode: worst |delta|, window-edge positions, pass) over every request
+    of every run, and the verdict, logged."""
+    every = [r for run in runs for r in run["requests"]]
+    phases = {
+        "prefill": {"max_abs": max(r["prefill"]["max_abs"] for r in every),
+                    "passed": all(r["prefill"]["passed"] for r in every)},
+        "decode": {"max_abs": max(r["decode"]["max_abs"] for r in every),
+                   "window_edge_positions": sorted({t for r in every for t in r["decode"]["window_edge_positions"]}),
+                   "passed": all(r["decode"]["passed"] for r in every)},
+    }
+    passed = phases["prefill"]["passed"] and phases["decode"]["passed"]
+    log(f"verify: {'PASS' if passed else 'FAIL'} (prefill {phases['prefill']['max_abs']:.3g}, decode "
+        f"{phases['decode']['max_abs']:.3g}, tolerance {tol:g})")
+    return phases, passed
+
+
 def write_model(out: Path, geometry: str, dtype: str, seed: int) -> Path:
     """The model to deploy: synth's ``tiny`` preset, or the GPU geometry above (synth's weight recipe)."""
     from trtllm_loop.synth import synthesize
@@ -233,17 +250,7 @@ def _run(root: Path, tllm, is_double: bool, dtype: str, tol: float, config, tp: 
                 f"{'PASS' if pre['passed'] and dec['passed'] else 'FAIL'}")
         runs.append({"cuda_graphs": graphs, "batch": [len(prompts[i]) for i in batch], "requests": reqs,
                      "graph_eligible_steps": graph_steps})
-    every = [r for run in runs for r in run["requests"]]
-    phases = {
-        "prefill": {"max_abs": max(r["prefill"]["max_abs"] for r in every),
-                    "passed": all(r["prefill"]["passed"] for r in every)},
-        "decode": {"max_abs": max(r["decode"]["max_abs"] for r in every),
-                   "window_edge_positions": sorted({t for r in every for t in r["decode"]["window_edge_positions"]}),
-                   "passed": all(r["decode"]["passed"] for r in every)},
-    }
-    passed = phases["prefill"]["passed"] and phases["decode"]["passed"]
-    log(f"verify: {'PASS' if passed else 'FAIL'} (prefill {phases['prefill']['max_abs']:.3g}, decode "
-        f"{phases['decode']['max_abs']:.3g}, tolerance {tol:g})")
+    phases, passed = summarize(runs, tol, log)
     return {"passed": passed, "runtime": runtime, "versions": _versions(tllm, is_double), "dtype": dtype,
             "model": geometry, "window": W, "tp": tp, "tolerance": tol, "chunk_unit": unit,
             "max_num_tokens": chunk, "decode_steps": n_decode, "phases": phases, "runs": runs}

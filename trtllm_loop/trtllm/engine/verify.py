@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-import numpy as np
 import yaml
 
 from trtllm_loop.errors import UserError
@@ -25,7 +24,7 @@ def run_engine_verify(root, tllm, is_double: bool, dtype: str, tol: float, confi
     from trtllm_loop.trtllm.engine.build import build_engine
     from trtllm_loop.trtllm.engine.runner import run_logits
     from trtllm_loop.trtllm.verify import (DECODE_PAST_WINDOW, VERIFY_BUILD, _compare_logits, _versions,
-                                           verify_prompts, write_model)
+                                           summarize, verify_prompts, write_model)
 
     if not is_double:
         raise UserError("verify --backend tensorrt --gpu is not implemented yet (it needs TensorRT-LLM 1.2.x's "
@@ -77,17 +76,7 @@ def run_engine_verify(root, tllm, is_double: bool, dtype: str, tol: float, confi
                 f"{'PASS' if pre['passed'] and dec['passed'] else 'FAIL'}")
         runs.append({"cuda_graphs": "not emulated by the API double (runtime_config.json sets cuda_graph_mode)",
                      "batch": [len(prompts[i]) for i in batch], "requests": reqs})
-    every = [r for run in runs for r in run["requests"]]
-    phases = {
-        "prefill": {"max_abs": max(r["prefill"]["max_abs"] for r in every),
-                    "passed": all(r["prefill"]["passed"] for r in every)},
-        "decode": {"max_abs": max(r["decode"]["max_abs"] for r in every),
-                   "window_edge_positions": sorted({t for r in every for t in r["decode"]["window_edge_positions"]}),
-                   "passed": all(r["decode"]["passed"] for r in every)},
-    }
-    passed = phases["prefill"]["passed"] and phases["decode"]["passed"]
-    log(f"verify: {'PASS' if passed else 'FAIL'} (prefill {phases['prefill']['max_abs']:.3g}, decode "
-        f"{phases['decode']['max_abs']:.3g}, tolerance {tol:g})")
+    phases, passed = summarize(runs, tol, log)
     return {"passed": passed, "backend": "tensorrt", "runtime": "TensorRT engines on the API double",
             "versions": _versions(tllm, is_double), "dtype": dtype, "model": geometry, "window": W, "tp": tp,
             "tolerance": tol, "chunk": chunk, "decode_steps": n_decode, "phases": phases, "runs": runs,
