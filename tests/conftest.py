@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file as load_np
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import trtllm_loop  # noqa: F401  (registers the model with transformers)
 from trtllm_loop.config import LoopConfig
@@ -64,6 +64,18 @@ def make_checkpoint(path: Path, seed: int = 0, gate_bias: float | None = None, g
     save_file(sd, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(conf))
     return path, conf, {k: v.double().numpy() for k, v in sd.items()}
+
+
+def unequal_fused_scales(tmp_path: Path) -> Path:
+    """A copy of the ModelOpt NVFP4 fixture whose layer-0 k_proj global scale differs from q/v's."""
+    import shutil
+
+    d = tmp_path / "unequal-fused"
+    shutil.copytree(REPO / "tests/fixtures/nvfp4/modelopt_nvfp4", d)
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.layers.0.self_attn.k_proj.weight_scale_2"] = sd["model.layers.0.self_attn.k_proj.weight_scale_2"] * 2
+    save_file(sd, str(d / "model.safetensors"))
+    return d
 
 
 def oracle_weights(ckpt: Path) -> dict:

@@ -6,7 +6,6 @@ checkpoint's dequantized weights (and W4A4 activation emulation)."""
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import GOLDEN_CASES, golden, make_checkpoint
+from conftest import GOLDEN_CASES, golden, make_checkpoint, unequal_fused_scales
 from loopref import forward
 from trtllm_loop.cli import main
 from trtllm_loop.conformance import compute
@@ -160,13 +159,7 @@ def test_quantized_checkpoints_load_through_the_linear_methods(name, w4a4):
 
 
 def test_unequal_fused_global_scales_are_rejected_like_trtllm(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    d = tmp_path / "ck"
-    shutil.copytree(f"{FIX}/modelopt_nvfp4", d)
-    sd = load_file(str(d / "model.safetensors"))
-    sd["model.layers.0.self_attn.k_proj.weight_scale_2"] = sd["model.layers.0.self_attn.k_proj.weight_scale_2"] * 2
-    save_file(sd, str(d / "model.safetensors"))
+    d = unequal_fused_scales(tmp_path)
     with pytest.raises(AssertionError, match="weight_scale_2 should be same"):
         run_logits(d, [[1, 2, 3]], chunk=4)
 

@@ -30,9 +30,18 @@ DOUBLE_ONLY = {
     # context_chunks / check_window_shares: mirrors of C++ rules (double-only); Logprob, CompletionOutput and
     # RequestOutput's abort/aborted live in executor/result.py (GenerationResult), not in reference
     "tensorrt_llm/llmapi/llm.py": {"context_chunks", "check_window_shares", "Logprob", "CompletionOutput",
-                                   "RequestOutput.abort", "RequestOutput.aborted"},
-    # real Mapping(...) constructs an MpiTopology (mapping.py), which defines tp_rank / pp_rank
-    "tensorrt_llm/mapping.py": {"Mapping.tp_rank", "Mapping.pp_rank"},
+                                   "RequestOutput.abort", "RequestOutput.aborted",
+                                   "END_ID_ERROR", "LLM_ARG_FIELDS", "SWA_CHUNK_UNIT"},  # double-only constants
+    # real Mapping(...) constructs an MpiTopology (mapping.py), which defines tp_rank / pp_rank / tp_group
+    "tensorrt_llm/mapping.py": {"Mapping.tp_rank", "Mapping.pp_rank", "Mapping.tp_group"},
+    # engine flow: tensorrt_llm/_common.py + network.py, module.py, parameter.py are not in reference (their
+    # symbols are the ones every engine-flow model imports); _emulator / _eager_engine are double-only helpers
+    # (the attention both doubles share; the C++ runtime's step, not a Python module upstream)
+    "tensorrt_llm/_common.py": {"ITensor", "Network", "default_net", "default_trtnet", "net_guard"},
+    "tensorrt_llm/module.py": {"Module", "ModuleList"},
+    "tensorrt_llm/parameter.py": {"Parameter"},
+    "tensorrt_llm/_emulator.py": {"paged_backend", "paged_step_attend"},
+    "tensorrt_llm/_eager_engine.py": {"window_sizes", "step_inputs", "kv_manager", "load_engine", "run_step"},
 }
 
 
@@ -49,6 +58,9 @@ class Module:
         self.root, self.rel = root, rel
         self.tree = ast.parse((root / rel).read_text())
         self.defs = {n.name: n for n in self.tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+        # module-level names bound by assignment (``ColumnLinear = Linear``, ``sigmoid = partial(...)``)
+        self.assigned = {t.id for n in self.tree.body if isinstance(n, ast.Assign) for t in n.targets
+                         if isinstance(t, ast.Name)}
         self.imports = {}
         pkg = Path(rel).parent
         for n in self.tree.body:
@@ -155,6 +167,13 @@ def mismatches(ref: Path) -> tuple[list[str], int]:
             public = [n for n in dmod.defs if not n.startswith("_") and n not in allowed]
             found += [f"{rel}: no such module in the reference (defines {public})"] if public else []
             continue
+        rmod = Module(ref, rel)
+        for name in sorted(dmod.assigned - set(dmod.defs)):
+            if name.startswith("_") or name == "IS_TRTLLM_LOOP_DOUBLE" or name in allowed:
+                continue
+            checked += 1
+            if name not in rmod.defs and name not in rmod.imports and name not in rmod.assigned:
+                found.append(f"{rel}: {name} (assigned) does not exist in the real module")
         for name, node in dmod.defs.items():
             if name.startswith("_") or name in allowed:
                 continue

@@ -1,6 +1,7 @@
 """The conformance driver: fp32 logits of every position of token sequences, through any of the project's
 backends (``prefill``/``decode``: the HF reference model; ``paged``: the paged runtime emulator;
-``torch-backend``: the TensorRT-LLM PyTorch-backend adapter, on the API double when TRT-LLM is missing).
+``torch-backend``: the TensorRT-LLM PyTorch-backend adapter, on the API double when TRT-LLM is missing;
+``engine``: the TensorRT-LLM engine-flow model definition, on the API double).
 
 ``trtllm-loop logits``, ``convert``/``eval-quant`` (``read_ids``), ``verify`` and the tests call it; expected
 logits always come from elsewhere (golden files, the NumPy oracle, another mode)."""
@@ -13,7 +14,7 @@ import numpy as np
 
 from trtllm_loop.errors import UserError
 
-MODES = ("prefill", "decode", "paged", "torch-backend")
+MODES = ("prefill", "decode", "paged", "torch-backend", "engine")
 
 
 def read_ids(files: list[str]) -> list[list[int]]:
@@ -35,11 +36,20 @@ def read_ids(files: list[str]) -> list[list[int]]:
 
 def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32", tokens_per_block: int = 16,
             chunk: int = 256, prefill_len: int | None = None, tp: int = 1,
-            emulate_activations: str | None = None) -> list[np.ndarray]:
+            emulate_activations: str | None = None, gate_plugin: bool = False) -> list[np.ndarray]:
     import torch
 
     from trtllm_loop.config import LoopConfig
 
+    if mode == "engine":  # CKPT may also be a TRT-LLM checkpoint or an engine directory
+        if emulate_activations:
+            raise UserError("--emulate-activations is for the reference modes")
+        from trtllm_loop.trtllm.engine.runner import run_logits as run_engine
+
+        return run_engine(ckpt, seqs, dtype=dtype, tokens_per_block=tokens_per_block, chunk=chunk,
+                          prefill_len=prefill_len, tp_size=tp, gate_plugin=gate_plugin)
+    if gate_plugin:
+        raise UserError("--gate-plugin applies to --mode engine only")
     cfg = LoopConfig.from_file(ckpt)
     for i, s in enumerate(seqs):
         bad = [t for t in s if not 0 <= t < cfg.vocab_size]
@@ -54,7 +64,7 @@ def compute(ckpt: str, seqs: list[list[int]], mode: str, dtype: str = "float32",
         return run_logits(ckpt, seqs, dtype=dtype, tokens_per_block=tokens_per_block, chunk=chunk,
                           prefill_len=prefill_len, tp_size=tp)
     if tp != 1:
-        raise UserError("--tp applies to --mode torch-backend only")
+        raise UserError("--tp applies to --mode torch-backend and --mode engine only")
     from trtllm_loop.modeling.load import load_model
 
     model = load_model(ckpt, dtype, emulate_activations)

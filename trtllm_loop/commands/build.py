@@ -1,4 +1,4 @@
-"""``trtllm-loop build CKPT --backend pytorch --config build_configs/<target>.yaml --out DEPLOY``."""
+"""``trtllm-loop build CKPT --backend pytorch|tensorrt --config build_configs/<target>.yaml --out DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -8,17 +8,24 @@ from trtllm_loop.commands.argtypes import add_force, positive_int
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "build", help="write a TensorRT-LLM deploy directory (PyTorch backend) for one target GPU",
+        "build", help="write a TensorRT-LLM deploy directory (PyTorch backend) or engine directory (TensorRT)",
         description="Validate the checkpoint, check it against the target's build config (weight format, SM, "
                     "memory, tensor parallelism) and write a self-contained deploy directory: TRT-LLM config view "
                     "(2L KV layers), weights, llm_api_options.yaml, env.sh, serve.sh (trtllm-serve, single GPU or "
-                    "TP over MPI) and the Triton llmapi model.",
+                    "TP over MPI) and the Triton llmapi model. --backend tensorrt (TensorRT-LLM 1.2.x only, the "
+                    "legacy engine flow) instead converts to a TRT-LLM checkpoint if needed, builds one TensorRT "
+                    "engine per rank (on the API double where TensorRT-LLM is absent), and writes the runtime "
+                    "config (CUDA graphs, KV fraction, window vector), the gate plugin library (--gate-plugin) and "
+                    "the Triton tensorrtllm (C++ backend) repository with an LD_PRELOAD launcher.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory (HF layout; dense, ModelOpt NVFP4 or FP8)")
-    p.add_argument("--backend", choices=["pytorch"], default="pytorch",
-                   help="TensorRT-LLM backend (the TensorRT engine flow is legacy in 1.2.x)")
+    p.add_argument("--backend", choices=["pytorch", "tensorrt"], default="pytorch",
+                   help="pytorch: LLM API deploy directory (recommended); tensorrt: TensorRT engines (TRT-LLM 1.2.x)")
+    p.add_argument("--gate-plugin", default=None, metavar="LIB",
+                   help="tensorrt: the loop gate as the IQuestLoopGateMix plugin from this library (or its "
+                        "directory, plugins/loop_gate build output); default: the gate in plain TensorRT ops")
     p.add_argument("--config", required=True, help="build config, e.g. build_configs/b200.yaml")
-    p.add_argument("--out", required=True, help="deploy directory to write")
+    p.add_argument("--out", required=True, help="deploy (pytorch) or engine (tensorrt) directory to write")
     p.add_argument("--tp", type=positive_int, default=None, help="tensor parallel size (default: the build config's)")
     p.add_argument("--weights", choices=["link", "copy", "symlink"], default="link",
                    help="link = hard link (copy across filesystems)")
@@ -30,6 +37,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.backend == "tensorrt":
+        return _run_tensorrt(args)
+    if args.gate_plugin:
+        from trtllm_loop.errors import UserError
+        raise UserError("--gate-plugin applies to --backend tensorrt (the PyTorch backend uses the gate op)")
     from trtllm_loop.trtllm.deploy import build
 
     info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force,
@@ -39,4 +51,18 @@ def run(args) -> int:
     for w in info["checkpoint_warnings"]:
         print(f"warning: {w}")
     print(f"serve with: {args.out}/serve.sh (trtllm-serve) or trtllm-loop serve {args.out}/triton_repo (Triton)")
+    return 0
+
+
+def _run_tensorrt(args) -> int:
+    from trtllm_loop.trtllm.engine.build import build_engine
+
+    info = build_engine(args.ckpt, args.config, args.out, tp=args.tp, gate_plugin=args.gate_plugin,
+                        tokenizer=args.tokenizer, force=args.force)
+    print(f"wrote {args.out}: TensorRT-LLM {info['trtllm_version']} engines for {info['target']} (SM{info['sm']}), "
+          f"{info['weight_format']} weights, TP {info['tensor_parallel_size']}, {info['kv_layers']} KV layers over "
+          f"{info['physical_layers']} blocks, gate: {info['gate']}" + (" (API double)" if info["api_double"] else ""))
+    for w in info["warnings"]:
+        print(f"warning: {w}")
+    print(f"serve with: {args.out}/launch_triton.sh (Triton tensorrtllm backend)")
     return 0

@@ -17,6 +17,9 @@ Compute float32 logits for every position of every sequence, with one of the pro
   paged          all sequences together through the paged runtime emulator: the first --prefill-len
                  tokens in chunks of --chunk, the rest teacher-forced one step at a time
   torch-backend  the TensorRT-LLM PyTorch-backend adapter (on the API double when TRT-LLM is missing)
+  engine         the TensorRT-LLM 1.2.x engine-flow model definition, run on the API double; CKPT may be an
+                 HF checkpoint (converted to a --tp rank TRT-LLM checkpoint on the fly), a TRT-LLM checkpoint
+                 (`convert --to trtllm-ckpt`) or an engine directory (`build --backend tensorrt`)
 
 With one --ids, OUT is a .npy of shape [T, V]; with several, OUT is a directory of 0.npy, 1.npy, ...
 An --ids file holds a JSON list of token ids (or a list of such lists).
@@ -44,7 +47,10 @@ def register(sub):
                    help="paged modes: tokens run as context (default all); the rest one per step")
     p.add_argument("--emulate-activations", choices=["nvfp4"], default=None,
                    help="reference modes: also quantize Linear inputs like W4A4 NVFP4 kernels (needs input_scale)")
-    p.add_argument("--tp", type=positive_int, default=1, help="torch-backend: tensor-parallel size (simulated ranks)")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="torch-backend / engine: tensor-parallel size (simulated ranks)")
+    p.add_argument("--gate-plugin", action="store_true",
+                   help="engine: the loop gate as the IQuestLoopGateMix plugin layer (default: functional ops)")
     p.add_argument("--out", required=True, help=".npy file (one sequence) or directory (several)")
     add_force(p, "--out")
     p.set_defaults(func=run)
@@ -80,7 +86,7 @@ def run(args) -> int:
     check_output(args.out, args.force, protect=(args.ckpt,),  # before the compute, not after
                  own_file=_is_npy if _single(len(seqs), args.out) else None)
     arrays = compute(args.ckpt, seqs, args.mode, args.dtype, args.tokens_per_block, args.chunk,
-                     args.prefill_len, args.tp, args.emulate_activations)
+                     args.prefill_len, args.tp, args.emulate_activations, args.gate_plugin)
     write_outputs(arrays, args.out, args.force, protect=(args.ckpt,))
     shapes = ", ".join(str(list(a.shape)) for a in arrays)
     print(f"wrote {len(arrays)} logits array(s) {shapes} to {args.out} (mode {args.mode}, {args.dtype})")

@@ -1,4 +1,4 @@
-"""``trtllm-loop verify [--backend pytorch] [--gpu]``: end-to-end check of the TensorRT-LLM deployment."""
+"""``trtllm-loop verify [--backend pytorch|tensorrt] [--gpu]``: end-to-end check of the TensorRT-LLM deployment."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,10 @@ def register(subparsers) -> None:
                     "largest deviation per position. --gpu uses the installed TensorRT-LLM on a GPU (BF16); "
                     "without it the flow runs on the API double (FP32, CI).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backend", choices=["pytorch"], default="pytorch", help="TensorRT-LLM backend")
+    p.add_argument("--backend", choices=["pytorch", "tensorrt"], default="pytorch",
+                   help="pytorch: the LLM API deploy directory; tensorrt: TensorRT engines (TRT-LLM 1.2.x engine flow)")
+    p.add_argument("--gate-plugin", default=None, metavar="LIB",
+                   help="tensorrt: build the engines with the gate plugin from this library")
     p.add_argument("--gpu", action="store_true", help="run on the installed TensorRT-LLM and a GPU")
     p.add_argument("--config", default=None,
                    help="build config to start from (default: built-in B200-like settings scaled to the tiny model)")
@@ -33,5 +36,5 @@ def run(args) -> int:
     from trtllm_loop.trtllm.verify import verify
 
     report = verify(gpu=args.gpu, config=args.config, tp=args.tp, work=args.work, keep=args.keep, model=args.model,
-                    json_out=args.json_out)
+                    json_out=args.json_out, backend=args.backend, gate_plugin=args.gate_plugin)
     return 0 if report["passed"] else 1

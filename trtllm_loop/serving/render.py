@@ -178,7 +178,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         "logits_datatype": "TYPE_FP32",
         "tokenizer_dir": served(tok_dir),
         "model_dir": served(model_dir),
-        "engine_dir": str(engine) if engine else "",
+        "engine_dir": served(engine) if engine else "",
         "preprocessing_instance_count": 1,
         "postprocessing_instance_count": 1,
         "max_input_len": max_input_len or max_seq_len - 1,
@@ -251,7 +251,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                                                                 escape=False))
         (tmp / "README.txt").write_text(
             f"Triton model repository, flavour {flavour!r}, rendered by `trtllm-loop triton-repo`.\n"
-            f"model: {served(model_dir)}\ntokenizer: {served(tok_dir)}\n" + (f"engine: {engine}\n" if engine else "") +
+            f"model: {served(model_dir)}\ntokenizer: {served(tok_dir)}\n" + (f"engine: {served(engine)}\n" if engine else "") +
             "serve: trtllm-loop serve <this dir>; models: ensemble, tensorrt_llm_bls (client contract), "
             "preprocessing, tensorrt_llm, postprocessing\n")
         validate_repository(tmp)

@@ -67,6 +67,23 @@ def _compare_logprobs(prompt_logprobs: list, ref: np.ndarray) -> dict:
     return {"per_position": dev, "max_abs": float(max(dev)), "top1_agree": None}
 
 
+def summarize(runs: list, tol: float, log) -> tuple[dict, bool]:
+    """The report's ``phases`` (prefill / decode: worst |delta|, window-edge positions, pass) over every request
+    of every run, and the verdict, logged."""
+    every = [r for run in runs for r in run["requests"]]
+    phases = {
+        "prefill": {"max_abs": max(r["prefill"]["max_abs"] for r in every),
+                    "passed": all(r["prefill"]["passed"] for r in every)},
+        "decode": {"max_abs": max(r["decode"]["max_abs"] for r in every),
+                   "window_edge_positions": sorted({t for r in every for t in r["decode"]["window_edge_positions"]}),
+                   "passed": all(r["decode"]["passed"] for r in every)},
+    }
+    passed = phases["prefill"]["passed"] and phases["decode"]["passed"]
+    log(f"verify: {'PASS' if passed else 'FAIL'} (prefill {phases['prefill']['max_abs']:.3g}, decode "
+        f"{phases['decode']['max_abs']:.3g}, tolerance {tol:g})")
+    return phases, passed
+
+
 def write_model(out: Path, geometry: str, dtype: str, seed: int) -> Path:
     """The model to deploy: synth's ``tiny`` preset, or the GPU geometry above (synth's weight recipe)."""
     from trtllm_loop.synth import synthesize
@@ -91,7 +108,7 @@ def write_model(out: Path, geometry: str, dtype: str, seed: int) -> Path:
 
 def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: str | None = None,
            keep: bool = False, seed: int = 0, model: str | None = None, json_out: str | None = None,
-           log=print) -> dict:
+           log=print, backend: str = "pytorch", gate_plugin: str | None = None) -> dict:
     from trtllm_loop.trtllm.compat import ensure_tensorrt_llm
 
     tllm, is_double = ensure_tensorrt_llm(prefer_double=not gpu)
@@ -111,7 +128,12 @@ def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: s
     root = Path(work) if work else Path(tempfile.mkdtemp(prefix="trtllm-loop-verify-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
+        if backend == "tensorrt":  # the engine flow (TRT-LLM 1.2.x): trtllm_loop/trtllm/engine/verify.py
+            from trtllm_loop.trtllm.engine.verify import run_engine_verify
+            report = run_engine_verify(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log,
+                                       gate_plugin=gate_plugin)
+        else:
+            report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
         text = json.dumps(report, indent=2) + "\n"
         (root / "report.json").write_text(text)
         if json_out:  # written whole, then renamed: never a partial report
@@ -228,17 +250,7 @@ def _run(root: Path, tllm, is_double: bool, dtype: str, tol: float, config, tp: 
                 f"{'PASS' if pre['passed'] and dec['passed'] else 'FAIL'}")
         runs.append({"cuda_graphs": graphs, "batch": [len(prompts[i]) for i in batch], "requests": reqs,
                      "graph_eligible_steps": graph_steps})
-    every = [r for run in runs for r in run["requests"]]
-    phases = {
-        "prefill": {"max_abs": max(r["prefill"]["max_abs"] for r in every),
-                    "passed": all(r["prefill"]["passed"] for r in every)},
-        "decode": {"max_abs": max(r["decode"]["max_abs"] for r in every),
-                   "window_edge_positions": sorted({t for r in every for t in r["decode"]["window_edge_positions"]}),
-                   "passed": all(r["decode"]["passed"] for r in every)},
-    }
-    passed = phases["prefill"]["passed"] and phases["decode"]["passed"]
-    log(f"verify: {'PASS' if passed else 'FAIL'} (prefill {phases['prefill']['max_abs']:.3g}, decode "
-        f"{phases['decode']['max_abs']:.3g}, tolerance {tol:g})")
+    phases, passed = summarize(runs, tol, log)
     return {"passed": passed, "runtime": runtime, "versions": _versions(tllm, is_double), "dtype": dtype,
             "model": geometry, "window": W, "tp": tp, "tolerance": tol, "chunk_unit": unit,
             "max_num_tokens": chunk, "decode_steps": n_decode, "phases": phases, "runs": runs}

@@ -4,7 +4,7 @@
 class Mapping:
     def __init__(self, world_size=1, rank=0, gpus_per_node=8, *, cp_size=1, cp_config=None, tp_size=1,
                  pp_size=1, moe_cluster_size=-1, moe_tp_size=-1, moe_ep_size=-1, attn_tp_size=-1, attn_cp_size=-1,
-                 enable_attention_dp=False):
+                 enable_attention_dp=False, enable_lm_head_tp_in_adp=False):
         if pp_size != 1 or cp_size != 1 or enable_attention_dp:
             raise NotImplementedError("the double implements tensor parallelism only (pp_size = cp_size = 1)")
         if world_size != tp_size * pp_size:
@@ -31,3 +31,17 @@ class Mapping:
 
     def is_last_pp_rank(self) -> bool:
         return True
+
+    @property
+    def tp_group(self):
+        return list(range(self.tp_size))
+
+    @classmethod
+    def from_dict(cls, mapping: dict):
+        return cls(**mapping)
+
+    def to_dict(self):  # mapping.py MappingBase.to_dict (the double's fields; -1/None for the MoE/CP ones)
+        return {"world_size": self.world_size, "rank": self.rank, "gpus_per_node": self.gpus_per_node,
+                "cp_size": self.cp_size, "tp_size": self.tp_size, "pp_size": self.pp_size, "moe_tp_size": -1,
+                "moe_cluster_size": -1, "moe_ep_size": -1, "attn_tp_size": -1, "attn_cp_size": -1, "cp_config": None,
+                "enable_attention_dp": self.enable_attention_dp, "enable_lm_head_tp_in_adp": False}

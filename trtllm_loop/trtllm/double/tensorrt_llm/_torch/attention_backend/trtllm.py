@@ -20,7 +20,7 @@ Mirrored from ``TrtllmAttention.forward`` / ``TrtllmAttentionWrapper.plan``:
   catches it;
 * with an NVFP4 ``quant_config`` and ``enable_attn_nvfp4_output=True`` (the default) the real op returns
   ``(output, output_sf)`` with NVFP4 output; the double returns a tuple there too."""
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -67,18 +67,10 @@ class TrtllmAttention(AttentionBackend[TrtllmAttentionMetadata]):
 
     def _paged(self, metadata: TrtllmAttentionMetadata, dtype: torch.dtype, window: int):
         """One emulator step per (metadata, head layout, window): RoPE tables computed once per step."""
-        from trtllm_loop.runtime.attention import PagedBackend
+        from tensorrt_llm._emulator import paged_backend
 
-        key = (self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, dtype, window)
-        if key not in metadata._backends:
-            mgr = metadata.kv_cache_manager
-            if (self.num_kv_heads, self.head_dim) != (mgr.num_kv_heads_per_rank, mgr.head_dim):
-                raise ValueError(f"layer {self.layer_idx}: {self.num_kv_heads} KV heads x {self.head_dim} per rank, "
-                                 f"the KV cache holds {mgr.num_kv_heads_per_rank} x {mgr.head_dim}")
-            cfg = replace(mgr.cache.cfg, num_attention_heads=self.num_heads, rope_theta=self.rope_theta,
-                          loop_window_size=window)
-            metadata._backends[key] = PagedBackend(mgr.cache, metadata.step, cfg, dtype)
-        return metadata._backends[key]
+        return paged_backend(metadata._backends, metadata.kv_cache_manager, metadata.step, self.num_heads,
+                             self.num_kv_heads, self.head_dim, self.rope_theta, dtype, window, self.layer_idx)
 
     def forward(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
                 metadata: TrtllmAttentionMetadata, out_scale=None, out_scale_sf=None, kv_scales_sf=None,
