@@ -162,3 +162,21 @@ def test_build_cli_speculative(env, tmp_path):
     r = subprocess.run([sys.executable, "-m", "trtllm_loop.cli", "build", str(env.ckpt), "--config", str(env.bc),
                         "--out", str(tmp_path / "e"), "--speculative", "ngram:0"], capture_output=True, text=True)
     assert r.returncode == 2 and "K must be an integer in 1..16" in r.stderr
+
+
+def test_inspect_gpu_plan_with_speculation(env):
+    from trtllm_loop.commands.inspect import report
+    from trtllm_loop.config import LoopConfig
+
+    cfg, dcfg = LoopConfig.from_file(env.ckpt), LoopConfig.from_file(env.draft)
+    plain = report(str(env.ckpt), "h100", 4096)
+    ng = report(str(env.ckpt), "h100", 4096, speculative="ngram:4")
+    dt = report(str(env.ckpt), "h100", 4096, speculative=f"draft:{env.draft}:4")
+    full = 2 * cfg.num_hidden_layers * (4096 + 8) * 2 * cfg.kv_size * 2          # bf16, every slot full + 2K
+    assert ng["speculative"]["kv_bytes_per_sequence"] == full
+    dkv = 2 * dcfg.num_hidden_layers * (4096 + 8) * 2 * dcfg.kv_size * 2
+    assert dt["speculative"]["kv_bytes_per_sequence"] == full + dkv
+    dw = (env.draft / "model.safetensors").stat().st_size
+    assert dt["gpu"]["kv_budget_bytes"] == pytest.approx(plain["gpu"]["kv_budget_bytes"] - dw)
+    assert dt["gpu"]["max_sequences_at_max_len"] == int(dt["gpu"]["kv_budget_bytes"] // (full + dkv))
+    assert ng["gpu"]["max_sequences_at_max_len"] < plain["gpu"]["max_sequences_at_max_len"]
