@@ -330,16 +330,16 @@ def plot(result: dict, out: Path) -> list[Path]:
     cs = [lv["concurrency"] for lv in levels]
     title = f"{result['endpoint']} {result['model']}"
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(cs, [lv["output_tok_s"] for lv in levels], "o-", label="output tok/s")
-    ax2 = ax.twinx()
-    ax2.plot(cs, [lv["req_s"] for lv in levels], "s--", color="tab:orange", label="req/s")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrency")
-    ax.set_ylabel("output tokens/s")
-    ax2.set_ylabel("requests/s")
-    ax.set_title(f"throughput - {title}")
-    fig.legend(loc="upper left")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((a1, "output_tok_s", "output tokens/s"), (a2, "req_s", "requests/s")):
+        ax.plot(cs, [lv[key] for lv in levels], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"throughput - {title}")
     fig.tight_layout()
     paths.append(out / "throughput.png")
     fig.savefig(paths[-1], dpi=110)
