@@ -120,6 +120,20 @@ def require_triton_server() -> None:
         pytest.skip(f"no tritonserver ({e}): {SERVING_HINT}, or set TRITONSERVER", allow_module_level=True)
 
 
+def start_reference_deployment(d: Path):
+    """The CPU deployment of the OpenAI tests: a tiny synth checkpoint, its `reference` repository on a real
+    Triton server and the OpenAI-compatible endpoint beside it -> (ckpt, server, api); stop api, then server."""
+    from trtllm_loop.serving.openai_server import OpenAIServer
+    from trtllm_loop.serving.render import render_repository
+    from trtllm_loop.serving.server import TritonServer, free_port
+    from trtllm_loop.synth import synthesize
+
+    ckpt = synthesize(d / "tiny", "tiny", dtype="float32")
+    repo = render_repository("reference", ckpt, d / "repo", max_seq_len=256, max_batch_size=4)
+    server = TritonServer(repo, log_path=d / "server.log").start(timeout=300)
+    return ckpt, server, OpenAIServer(server.grpc_url, free_port()).start()
+
+
 # ---------------------------------------------------------------- Triton test client
 def raw_stream(env, model, arrays: dict, request_id="", timeout=120, cancel_after=None):
     """Raw gRPC stream: list of ({output: ndarray}, final flag); optionally cancel after N responses."""

@@ -10,7 +10,7 @@ import time
 import pytest
 import transformers
 
-from conftest import require, require_triton_server
+from conftest import require, require_triton_server, start_reference_deployment
 from groundtruth import greedy, stop_ids
 
 require("tritonclient.grpc")
@@ -26,16 +26,9 @@ PROMPT = "def add(a, b):\n    return a + b"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from trtllm_loop.modeling.load import load_model
-    from trtllm_loop.serving.openai_server import OpenAIServer
-    from trtllm_loop.serving.render import render_repository
-    from trtllm_loop.serving.server import TritonServer, free_port
-    from trtllm_loop.synth import synthesize
 
     d = tmp_path_factory.mktemp("oai")
-    ckpt = synthesize(d / "tiny", "tiny", dtype="float32")
-    repo = render_repository("reference", ckpt, d / "repo", max_seq_len=256, max_batch_size=4)
-    server = TritonServer(repo, log_path=d / "server.log").start(timeout=300)
-    api = OpenAIServer(server.grpc_url, free_port()).start()
+    ckpt, server, api = start_reference_deployment(d)
     e = type("Env", (), {})()
     e.server, e.api, e.log = server, api, d / "server.log"
     e.client = openai.OpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=120)

@@ -12,7 +12,7 @@ COMMANDS = [
     "synth", "inspect", "logits", "generate", "demo",
     "validate", "convert", "quantize", "eval_quant",
     "build", "verify",
-    "triton_repo", "serve", "client",
+    "triton_repo", "serve", "client", "bench",
 ]
 
 EPILOG = """\

@@ -32,6 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="directory with the tokenizer files (tokenizer_config.json + tokenizer.model or "
                         "tokenizer.json) when CKPT has none; copied into the deploy directory")
+    p.add_argument("--speculative", metavar="SPEC", default=None,
+                   help="ngram[:K] (prompt lookup) or draft:PATH[:K] (a Loop draft with the same vocabulary, "
+                        "deployed as DEPLOY/draft): writes speculative_config (TRT-LLM NGram / DraftTarget, K draft "
+                        "tokens per step) and keeps every KV slot in the full pool -- TRT-LLM's sliding-window pool "
+                        "cannot rewind draft tokens -- with the draft's weights and KV in the memory plan")
     add_force(p, "--out")
     p.set_defaults(func=run)
 
@@ -45,9 +50,11 @@ def run(args) -> int:
     from trtllm_loop.trtllm.deploy import build
 
     info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force,
-                 tokenizer=args.tokenizer)
+                 tokenizer=args.tokenizer, speculative=args.speculative)
     print(f"wrote {args.out}: target {info['target']}, {info['weight_format']} weights, TP {info['tensor_parallel_size']}, "
           f"{info['kv_layers']} KV layers over {info['physical_layers']} decoder layers")
+    if info["speculative_config"]:
+        print(f"speculative decoding: {info['speculative_config']} (every KV slot in the full pool)")
     for w in info["checkpoint_warnings"]:
         print(f"warning: {w}")
     print(f"serve with: {args.out}/serve.sh (trtllm-serve) or trtllm-loop serve {args.out}/triton_repo (Triton)")

@@ -14,9 +14,18 @@ ids (--prompt-ids: a JSON file or a comma-separated list; repeat for a batch) or
 checkpoint's tokenizer; --chat wraps it in the chat template). Several prompts run together with in-flight
 batching. Stops at any eos id of config.json, a --stop sequence, or --max-tokens.
 
+--speculative verifies K proposed tokens per step through both loop passes (one weight stream for up to
+K + 1 tokens) and rolls the rejected ones back in the pass-1 and the pass-2 window caches; greedy output is
+exactly that of normal decoding, sampled output has the same distribution (rejection sampling):
+  ngram[:K]        prompt lookup (the tokens that followed the last occurrence of the latest 1-3 tokens)
+  draft:PATH[:K]   a draft checkpoint with the same vocabulary (e.g. a small synth preset)
+K defaults to 4. The acceptance rate is printed (and in --json).
+
 examples:
   trtllm-loop generate /tmp/tiny --prompt-ids 1,2,3 --max-tokens 8
   trtllm-loop generate /tmp/tiny --prompt "def fib(n):" --temperature 0.6 --top-p 0.85 --top-k 20 --seed 0
+  trtllm-loop generate /tmp/small --prompt-ids code.json --speculative ngram:4
+  trtllm-loop generate /tmp/small --prompt-ids code.json --speculative draft:/tmp/tiny:4
 """
 
 
@@ -42,6 +51,8 @@ def register(sub):
                    help="quantize Linear inputs like W4A4 NVFP4 kernels (NVFP4 exports with input_scale)")
     p.add_argument("--tokens-per-block", type=positive_int, default=16)
     p.add_argument("--chunk", type=positive_int, default=256)
+    p.add_argument("--speculative", metavar="SPEC", default=None,
+                   help="ngram[:K] or draft:PATH[:K] (see above)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt at the end")
     p.set_defaults(func=run)
 
@@ -94,13 +105,25 @@ def run(args) -> int:
         raise UserError(str(e)) from None
     from trtllm_loop.modeling.load import load_model
 
-    rt = LoopRuntime(load_model(args.ckpt, args.dtype, args.emulate_activations),
-                     tokens_per_block=args.tokens_per_block, chunk_size=args.chunk, max_batch_size=max(1, len(prompts)))
+    model = load_model(args.ckpt, args.dtype, args.emulate_activations)
+    spec = None
+    if args.speculative:
+        from trtllm_loop.runtime.speculative import make_proposer
+
+        try:
+            spec = make_proposer(args.speculative, model.model.loop_config, tokens_per_block=args.tokens_per_block,
+                                 max_batch_size=max(1, len(prompts)), dtype=args.dtype,
+                                 max_seq_len=max(map(len, prompts)) + args.max_tokens + 1)
+        except ValueError as e:
+            raise UserError(f"--speculative: {e}") from None
+    rt = LoopRuntime(model, tokens_per_block=args.tokens_per_block, chunk_size=args.chunk,
+                     max_batch_size=max(1, len(prompts)), speculative=spec)
     try:
         rids = [rt.add_request(p, params) for p in prompts]
     except ValueError as e:
         raise UserError(str(e)) from None
     outputs = {r: [] for r in rids}
+    drafted = {r: [0, 0] for r in rids}                      # proposed, accepted
     reasons = {}
     stream = len(prompts) == 1 and not args.json
     if stream and tok is not None:
@@ -110,6 +133,8 @@ def run(args) -> int:
     while rt.has_unfinished():
         for o in rt.step():
             outputs[o.request_id] += o.token_ids
+            drafted[o.request_id][0] += o.proposed
+            drafted[o.request_id][1] += o.accepted
             if o.finished:
                 reasons[o.request_id] = o.finish_reason
             if stream and o.token_ids:
@@ -122,8 +147,16 @@ def run(args) -> int:
         if tok is not None:
             sys.stdout.write(detok.flush())
         print(f"\n[{reasons[rids[0]]}, {len(outputs[rids[0]])} tokens]")
+    if spec is not None and not args.json:
+        st = rt.spec_stats
+        print(f"[speculative {args.speculative}: {st['accepted']}/{st['proposed']} drafts accepted "
+              f"({st['accepted'] / max(1, st['proposed']):.1%}), {st['emitted'] / max(1, st['steps']):.2f} tokens "
+              f"per verification step, {rt.steps} steps]", file=sys.stderr)
     for i, r in enumerate(rids):
         rec = {"prompt_ids": prompts[i], "output_ids": outputs[r], "finish_reason": reasons[r]}
+        if spec is not None:
+            prop, acc = drafted[r]
+            rec.update(proposed=prop, accepted=acc, acceptance_rate=acc / prop if prop else 0.0)
         if tok is not None:
             rec["text"] = tok.decode(outputs[r], skip_special_tokens=True)
         if args.json:

@@ -19,8 +19,13 @@ Print the architecture, parameter count, weight bytes, the two KV caches' bytes 
 every token; pass 2 keeps only the last loop_window_size tokens of each sequence), and -- with --gpu --
 how many tokens and full-length sequences fit in the KV budget of that GPU.
 
+With --speculative (ngram[:K] or draft:PATH[:K]) the GPU plan is that of a speculative TRT-LLM deploy
+(`build --speculative`): every KV slot at full length plus 2K draft tokens per sequence (TRT-LLM's window
+pool cannot rewind drafts), and a draft model's weights and KV.
+
 example:
   trtllm-loop synth /tmp/40b --preset 40b-shape && trtllm-loop inspect /tmp/40b --gpu b200 --max-seq-len 32768
+  trtllm-loop inspect /tmp/40b --gpu b200 --max-seq-len 32768 --speculative draft:/tmp/7b-loop:4
 """
 
 
@@ -36,6 +41,8 @@ def register(sub):
     p.add_argument("--max-seq-len", type=positive_int, default=None, help="sequence length for sizing "
                    "(default: max_position_embeddings)")
     p.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "fp8", "float32"])
+    p.add_argument("--speculative", metavar="SPEC", default=None,
+                   help="size for speculative decoding: ngram[:K] or draft:PATH[:K] (see above)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
@@ -54,8 +61,9 @@ def weight_bytes(ckpt: Path, cfg) -> tuple[int, str]:
     return cfg.num_parameters() * 2, "parameters x 2 (bf16)"
 
 
-def report(ckpt: str, gpu: str | None = None, max_seq_len: int | None = None, kv_dtype: str = "bfloat16") -> dict:
-    from trtllm_loop.config import LoopConfig
+def report(ckpt: str, gpu: str | None = None, max_seq_len: int | None = None, kv_dtype: str = "bfloat16",
+           speculative: str | None = None) -> dict:
+    from trtllm_loop.config import KV_DTYPE_BYTES, LoopConfig
 
     cfg = LoopConfig.from_file(ckpt)
     seq = max_seq_len or cfg.max_position_embeddings
@@ -82,6 +90,20 @@ def report(ckpt: str, gpu: str | None = None, max_seq_len: int | None = None, kv
         describe_checkpoint = None
     if describe_checkpoint is not None and any(Path(ckpt).glob("*.safetensors")):
         r["format"] = describe_checkpoint(ckpt)
+    per_seq = cfg.kv_bytes_per_sequence(seq, kv_dtype)
+    if speculative:
+        from trtllm_loop.trtllm.deploy.speculative import kv_bytes_per_sequence, parse
+
+        spec = parse(speculative, cfg)
+        per_seq = kv_bytes_per_sequence(cfg, seq, spec.extra_tokens, KV_DTYPE_BYTES[kv_dtype])
+        r["speculative"] = {"kind": spec.kind, "max_draft_len": spec.k, "extra_kv_tokens_per_sequence":
+                            spec.extra_tokens, "target_kv_bytes_per_sequence": per_seq}
+        if spec.draft_cfg is not None:
+            dwb, _ = weight_bytes(spec.draft, spec.draft_cfg)
+            dkv = kv_bytes_per_sequence(spec.draft_cfg, seq, spec.extra_tokens, KV_DTYPE_BYTES[kv_dtype])
+            r["speculative"].update(draft_weight_bytes=dwb, draft_kv_bytes_per_sequence=dkv)
+            wb, per_seq = wb + dwb, per_seq + dkv
+        r["speculative"]["kv_bytes_per_sequence"] = per_seq
     if gpu:
         mem, frac, desc = GPUS[gpu]
         budget = mem * 1e9 * frac - wb - ACTIVATION_RESERVE_GB * 1e9
@@ -89,7 +111,6 @@ def report(ckpt: str, gpu: str | None = None, max_seq_len: int | None = None, kv
                     "activation_reserve_bytes": ACTIVATION_RESERVE_GB * 1e9, "kv_budget_bytes": max(budget, 0),
                     "fits_weights": budget > 0}
         if budget > 0:
-            per_seq = cfg.kv_bytes_per_sequence(seq, kv_dtype)
             r["gpu"]["max_tokens_in_pass1_cache"] = int(budget // kv["pass1"])
             r["gpu"]["max_sequences_at_max_len"] = int(budget // per_seq)
     return r
@@ -103,7 +124,7 @@ def _gb(b: float) -> str:
 
 
 def run(args) -> int:
-    r = report(args.ckpt, args.gpu, args.max_seq_len, args.kv_dtype)
+    r = report(args.ckpt, args.gpu, args.max_seq_len, args.kv_dtype, args.speculative)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -123,6 +144,13 @@ def run(args) -> int:
     print(f"  KV ({r['kv_dtype']}): pass-1 cache {kv['pass1_full']:,} B/token (every token); pass-2 cache "
           f"{kv['pass2_window']:,} B/token for the last {a['loop_window_size']} tokens only")
     print(f"  one sequence of {r['max_seq_len']:,} tokens: {_gb(r['kv_bytes_per_sequence_at_max_len'])} of KV")
+    if "speculative" in r:
+        sp = r["speculative"]
+        draft = (f" + draft {_gb(sp['draft_weight_bytes'])} weights, {_gb(sp['draft_kv_bytes_per_sequence'])} KV"
+                 if "draft_weight_bytes" in sp else "")
+        print(f"  speculative {sp['kind']} K={sp['max_draft_len']}: every KV slot at full length + "
+              f"{sp['extra_kv_tokens_per_sequence']} draft tokens: {_gb(sp['target_kv_bytes_per_sequence'])} of KV "
+              f"per sequence{draft}")
     if "gpu" in r:
         g = r["gpu"]
         print(f"  on {g['description']}: {_gb(g['memory_bytes'])} x {g['memory_fraction']} - weights - "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from trtllm_loop.config import LoopConfig
+from trtllm_loop.modeling.loop import loop_forward
 from trtllm_loop.modeling.ops import apply_rope, attention_core, rope_cos_sin, split_qkv, window_mask
 from trtllm_loop.runtime.kv_cache import PagedKVCache
 
@@ -60,3 +61,13 @@ class PagedBackend:
             allowed = window_mask(torch.arange(past, past + n), torch.arange(lo, past + n), window)
             out[rows] = attention_core(q[rows][None], keys[None], vals[None], allowed[None])[0]
         return out
+
+
+def forward_step(model, cache: PagedKVCache, meta: StepMetadata, ids: torch.Tensor) -> torch.Tensor:
+    """One packed step of a reference-layout model over ``cache``: allocate the blocks the step's positions
+    land in, embed, run :func:`loop_forward` with :class:`PagedBackend`; the final-normed hidden states."""
+    for seq, past, n in zip(meta.seq_ids, meta.past, meta.new):
+        cache.prepare(seq, past, n)
+    cfg = model.model.loop_config
+    h = model.model.embed_tokens(ids)
+    return loop_forward(model.model, h, PagedBackend(cache, meta, cfg, model.lm_head.weight.dtype), cfg)

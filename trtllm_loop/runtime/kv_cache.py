@@ -99,6 +99,27 @@ class PagedKVCache:
                     g.free.append(table[b])
                     table[b] = None
 
+    def rollback(self, seq: int, length: int) -> None:
+        """Forget positions ``>= length`` of a sequence (speculative tokens the target rejected), in every group:
+        blocks that hold only such positions go back to the pool, the rest is overwritten before it is read
+        (``attend`` writes a step's K/V before reading). Exact only if nothing the shorter sequence still
+        needs was trimmed: window blocks are trimmed at committed lengths, never at a speculative one, and
+        this checks it."""
+        for g in self.groups.values():
+            table = g.tables[seq]
+            keep = -(-length // self.tpb)
+            for b in table[keep:]:
+                if b is not None:
+                    g.free.append(b)
+            del table[keep:]
+            first = 0 if g.window is None else max(0, length - g.window + 1) // self.tpb
+            if any(b is None for b in table[first:]):
+                raise IndexError(f"rollback of sequence {seq} to {length} tokens: a block of window "
+                                 f"{g.window or 'full'} the next query needs was already trimmed (trim only at "
+                                 "committed lengths)")
+        for slot, done in self.filled.get(seq, {}).items():
+            self.filled[seq][slot] = min(done, length)
+
     def held_blocks(self, seq: int, window: int | None) -> int:
         return sum(b is not None for b in self.groups[window].tables.get(seq, []))
 

@@ -38,10 +38,9 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """One token from fp32 logits ``[V]``."""
-    if p.temperature == 0:
-        return int(torch.argmax(logits))
+def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution :func:`sample` draws from (temperature > 0): fp32 ``[V]`` after temperature, top-k and
+    top-p. Speculative verification compares these of the target and the draft."""
     logits = logits.float() / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -51,8 +50,14 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the smallest prefix reaching top_p
         logits[order[drop]] = float("-inf")
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return torch.softmax(logits, -1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """One token from fp32 logits ``[V]``."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs(logits, p), 1, generator=gen))
 
 
 def stop_reason(output: list[int], p: SamplingParams, eos: tuple[int, ...]) -> str | None:

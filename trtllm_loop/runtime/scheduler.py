@@ -3,7 +3,9 @@
 Each :meth:`LoopRuntime.step` packs one iteration: every running request in the generation phase brings its
 last token, requests still in the context phase bring their next chunk (up to ``chunk_size`` tokens, within a
 ``max_num_tokens`` budget); the packed batch runs through :func:`loop_forward` with :class:`PagedBackend`;
-requests whose context is complete sample a token. Requests join whenever a batch slot and KV capacity are free
+requests whose context is complete sample a token. With a speculative proposer
+(:mod:`trtllm_loop.runtime.speculative`) a generation-phase request brings its last token plus K drafts, all
+verified in that one step; the rejected ones are rolled back in every KV slot. Requests join whenever a batch slot and KV capacity are free
 and leave as soon as they finish, so sequences of different lengths share every step.
 """
 from __future__ import annotations
@@ -15,19 +17,21 @@ from pathlib import Path
 import torch
 
 from trtllm_loop.config import LoopConfig
-from trtllm_loop.modeling.loop import loop_forward
-from trtllm_loop.runtime.attention import PagedBackend, StepMetadata
+from trtllm_loop.runtime.attention import StepMetadata, forward_step
 from trtllm_loop.runtime.kv_cache import PagedKVCache
 from trtllm_loop.runtime.sampling import SamplingParams, make_generator, sample, stop_reason
+from trtllm_loop.runtime.speculative import DraftItem, Proposal, verify
 
 
 @dataclass
 class StepOutput:
     request_id: int | str
-    token_ids: list[int]                 # tokens generated this step (0 or 1)
+    token_ids: list[int]                 # tokens generated this step (0 or 1; up to K + 1 speculating)
     finished: bool
     finish_reason: str | None = None     # "stop" | "length" | "cancelled"
     logits: torch.Tensor | None = None   # fp32 [n, V] for this step's positions (return_logits requests)
+    proposed: int = 0                    # draft tokens verified this step
+    accepted: int = 0                    # of which accepted
 
 
 @dataclass
@@ -43,6 +47,7 @@ class _Request:
     finish_reason: str | None = None
     reserved: int = 0                    # full-group blocks reserved at admission
     seq: int = -1                        # the KV cache's sequence id (one per request, never reused)
+    draft: Proposal | None = None        # this step's speculative tokens
 
     @property
     def tokens(self) -> list[int]:
@@ -54,16 +59,21 @@ class LoopRuntime:
 
     def __init__(self, model, *, tokens_per_block: int = 16, max_batch_size: int = 8, max_num_tokens: int = 256,
                  chunk_size: int | None = None, max_seq_len: int | None = None,
-                 num_blocks: dict | None = None, debug: bool = False):
+                 num_blocks: dict | None = None, debug: bool = False, speculative=None):
+        """speculative: a proposer (``NgramProposer``, ``DraftProposer``) or None."""
         cfg: LoopConfig = model.model.loop_config
         self.model, self.cfg = model, cfg
         self.dtype = model.lm_head.weight.dtype
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
         self.chunk_size = chunk_size or max_num_tokens
+        self.speculative = speculative
+        if getattr(speculative, "vocab_size", cfg.vocab_size) != cfg.vocab_size:
+            raise ValueError(f"draft vocab_size {speculative.vocab_size} differs from the target's {cfg.vocab_size}")
+        step_tokens = max(self.chunk_size, 1 + (speculative.k if speculative else 0))
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         if num_blocks is None:  # enough for max_batch_size sequences of max_seq_len: the scheduler never waits on KV
             num_blocks = {w: max_batch_size * cfg.pool_blocks_per_sequence(w, tokens_per_block, self.max_seq_len,
-                                                                           self.chunk_size)
+                                                                           step_tokens)
                           for w in {s.window for s in cfg.slot_plan()}}
         self.cache = PagedKVCache(cfg, tokens_per_block, num_blocks, self.dtype, model.lm_head.weight.device, debug=debug)
         self.waiting: list[_Request] = []
@@ -72,6 +82,7 @@ class LoopRuntime:
         self._ids = itertools.count()
         self._seqs = itertools.count()
         self.steps = 0
+        self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, dtype: str = "float32", **kw) -> "LoopRuntime":
@@ -108,7 +119,7 @@ class LoopRuntime:
                 if r.id == request_id:
                     q.remove(r)
                     if q is self.running:
-                        self.cache.free_sequence(r.seq)
+                        self._release(r)
                     r.finish_reason = "cancelled"
                     self.cancelled.append(r)
                     return True
@@ -136,8 +147,12 @@ class LoopRuntime:
         ctx = [r for r in self.running if r.computed < r.prefill_len]
         for r in gen:
             if budget >= 1:
-                plan.append((r, 1))
-                budget -= 1
+                if r.draft is not None:
+                    del r.draft.tokens[budget - 1:]
+                    r.draft = r.draft if r.draft.tokens else None
+                n = 1 + (len(r.draft.tokens) if r.draft else 0)
+                plan.append((r, n))
+                budget -= n
         for r in ctx:
             n = min(r.prefill_len - r.computed, self.chunk_size, budget)
             if n > 0:
@@ -152,18 +167,28 @@ class LoopRuntime:
         self._admit()
         for r in [r for r in self.running if r.params.max_tokens == 0 and not r.return_logits]:
             self._finish(r, "length", outs)
+        self._propose()
         plan = self._schedule()
         if not plan:
             return outs
         meta = StepMetadata([r.seq for r, _ in plan], [r.computed for r, _ in plan], [n for _, n in plan])
-        ids = torch.tensor([t for r, n in plan for t in r.tokens[r.computed:r.computed + n]],
-                           device=self.model.lm_head.weight.device)
-        for seq, past, n in zip(meta.seq_ids, meta.past, meta.new):
-            self.cache.prepare(seq, past, n)
-        h = self.model.model.embed_tokens(ids)
-        h = loop_forward(self.model.model, h, PagedBackend(self.cache, meta, self.cfg, self.dtype), self.cfg)
+        ids = torch.tensor([t for r, n in plan for t in self._step_ids(r, n)], device=self.model.lm_head.weight.device)
+        h = forward_step(self.model, self.cache, meta, ids)
         self.steps += 1
         for (r, n), (seq, past, _, rows) in zip(plan, meta.spans()):
+            draft, r.draft = r.draft, None
+            if draft is not None:  # a verification step: K + 1 logits, keep the accepted prefix
+                emitted, accepted = verify(self.model.lm_head(h[rows]).float(), draft, r.params, r.gen)
+                r.computed += 1 + accepted
+                self.cache.rollback(seq, r.computed)
+                self.cache.trim(seq, r.computed)
+                out = StepOutput(r.id, [], False, proposed=len(draft.tokens), accepted=accepted)
+                outs.append(out)
+                for k, v in (("steps", 1), ("proposed", len(draft.tokens)), ("accepted", accepted),
+                             ("emitted", len(emitted))):
+                    self.spec_stats[k] += v
+                self._emit(r, emitted, out)
+                continue
             r.computed += n
             self.cache.trim(seq, r.computed)
             done_ctx = r.computed >= len(r.tokens)  # every known token is in the cache: time to sample
@@ -175,19 +200,52 @@ class LoopRuntime:
             if r.params.max_tokens == 0 or len(r.tokens) >= self.max_seq_len:
                 self._finish(r, "length", out=out)
                 continue
-            tok = sample(logits[-1], r.params, r.gen)
+            self._emit(r, [sample(logits[-1], r.params, r.gen)], out)
+        return outs
+
+    def _step_ids(self, r: _Request, n: int) -> list[int]:
+        if r.draft is not None:
+            return r.tokens[r.computed:r.computed + 1] + r.draft.tokens
+        return r.tokens[r.computed:r.computed + n]
+
+    def _emit(self, r: _Request, tokens: list[int], out: StepOutput) -> None:
+        """Append tokens one at a time until a stop rule fires (the rest are dropped)."""
+        for tok in tokens:
             r.output.append(tok)
-            out.token_ids = [tok]
+            out.token_ids.append(tok)
             reason = stop_reason(r.output, r.params, self.cfg.eos_token_id)
             if reason is None and len(r.tokens) >= self.max_seq_len:
                 reason = "length"
             if reason:
                 self._finish(r, reason, out=out)
-        return outs
+                return
+
+    def _propose(self) -> None:
+        """Ask the proposer for drafts of every generation-phase request, never past max_tokens/max_seq_len:
+        a step of 1 + k tokens emits up to k + 1, so the KV reservation of normal decoding still holds."""
+        if self.speculative is None:
+            return
+        items, reqs = [], []
+        for r in self.running:
+            if r.return_logits or r.computed < r.prefill_len or r.computed < len(r.tokens) - 1:
+                continue
+            r.draft = None
+            k = min(self.speculative.k, r.params.max_tokens - len(r.output) - 1,
+                    self.max_seq_len - len(r.tokens) - 1, self.max_num_tokens - 1)
+            if k > 0:
+                items.append(DraftItem(r.seq, r.tokens, k, r.params, r.gen))
+                reqs.append(r)
+        for r, prop in zip(reqs, self.speculative.propose(items) if items else []):
+            r.draft = prop if prop.tokens else None
+
+    def _release(self, r: _Request) -> None:
+        self.cache.free_sequence(r.seq)
+        if self.speculative is not None:
+            self.speculative.release(r.seq)
 
     def _finish(self, r: _Request, reason: str, outs: list | None = None, out: StepOutput | None = None):
         self.running.remove(r)
-        self.cache.free_sequence(r.seq)
+        self._release(r)
         r.finish_reason = reason
         if out is None:
             out = StepOutput(r.id, [], True, reason)

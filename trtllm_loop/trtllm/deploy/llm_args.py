@@ -24,10 +24,12 @@ def llm_api_args(cfg: LoopConfig, *, max_batch_size: int, max_seq_len: int, max_
                  free_gpu_memory_fraction: float, tokens_per_block: int = 32, enable_block_reuse: bool = False, host_cache_size: int = 0,
                  kv_cache_dtype: str = "auto", enable_chunked_prefill: bool = True, cuda_graph: bool = True,
                  cuda_graph_padding: bool = True, cuda_graph_batch_sizes: Sequence[int] = (),
-                 nvfp4_gemm_allowed_backends: Sequence[str] = ()) -> dict:
+                 nvfp4_gemm_allowed_backends: Sequence[str] = (), speculative_config: dict | None = None) -> dict:
     """``LLM(**kwargs)`` arguments (without ``model``, ``backend`` and the parallel sizes, which the launcher
     passes). ``cuda_graph_batch_sizes`` empty: TRT-LLM generates sizes up to ``max_batch_size``;
-    ``nvfp4_gemm_allowed_backends`` empty: the key is left out (give it for NVFP4 weights only)."""
+    ``nvfp4_gemm_allowed_backends`` empty: the key is left out (give it for NVFP4 weights only).
+    ``speculative_config`` (``deploy/speculative.py``): written as given, and every KV slot then stays in the full
+    pool (``max_attention_window: [max_seq_len]``): TRT-LLM's window pool cannot rewind draft tokens."""
     kv = {
         # the per-KV-slot window pattern [max_seq_len, W], which TRT-LLM repeats over the 2L KV layers
         # (KvCacheConfig.max_attention_window: "repeated multiple times to the number of layers")
@@ -39,6 +41,8 @@ def llm_api_args(cfg: LoopConfig, *, max_batch_size: int, max_seq_len: int, max_
         # (py_executor_creator.py); the memory plan's window-pool sizing assumes this value
         "tokens_per_block": tokens_per_block,
     }
+    if speculative_config is not None:
+        kv["max_attention_window"] = [max_seq_len]
     if kv_cache_dtype != "auto":
         kv["dtype"] = kv_cache_dtype
     if not cuda_graph:
@@ -64,10 +68,12 @@ def llm_api_args(cfg: LoopConfig, *, max_batch_size: int, max_seq_len: int, max_
         # nvfp4_gemm_config.allowed_backends (docs/tensorrt-llm.md 3.5). Written because GB10 must not run the
         # CUTLASS kernels (issue #11368); checked on hardware by `trtllm-loop verify --gpu`.
         opts["nvfp4_gemm_config"] = {"allowed_backends": list(nvfp4_gemm_allowed_backends)}
+    if speculative_config is not None:
+        opts["speculative_config"] = dict(speculative_config)
     return opts
 
 
-def llm_api_options(bc: BuildConfig, cfg: LoopConfig, fmt: str) -> dict:
+def llm_api_options(bc: BuildConfig, cfg: LoopConfig, fmt: str, speculative_config: dict | None = None) -> dict:
     """:func:`llm_api_args` for a build config and a checkpoint weight format."""
     return llm_api_args(
         cfg, max_batch_size=bc.max_batch_size, max_seq_len=bc.max_seq_len, max_num_tokens=bc.max_num_tokens,
@@ -77,7 +83,8 @@ def llm_api_options(bc: BuildConfig, cfg: LoopConfig, fmt: str) -> dict:
         enable_chunked_prefill=bc.enable_chunked_prefill,
         cuda_graph_padding=bool(bc.cuda_graph.get("enable_padding", True)),
         cuda_graph_batch_sizes=bc.cuda_graph.get("batch_sizes", []),
-        nvfp4_gemm_allowed_backends=bc.nvfp4_gemm_allowed_backends if fmt == "nvfp4" else ())
+        nvfp4_gemm_allowed_backends=bc.nvfp4_gemm_allowed_backends if fmt == "nvfp4" else (),
+        speculative_config=speculative_config)
 
 
 def triton_model_yaml(args: dict, *, model: str, tensor_parallel_size: int, triton_max_batch_size: int) -> str:

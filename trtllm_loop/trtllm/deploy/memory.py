@@ -60,14 +60,19 @@ def shares_env(shares: list[float]) -> str:
     return ",".join(repr(s) for s in shares)
 
 
-def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fmt: str) -> dict:
+def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fmt: str, spec=None,
+                draft_weight_bytes: int = 0) -> dict:
     """Bytes per GPU and the VSWA pool split (``TRTLLM_WINDOW_SIZE_SHARES``, ascending window order).
 
     Both window groups have L layers and the same bytes per token per layer, so the split is the ratio of
     tokens each group must hold per sequence (:meth:`LoopConfig.pool_blocks_per_sequence`, the rule the paged
     runtime sizes with): ``max_seq_len`` for the full group, and for the window group the W - 1 keys before a
     step plus the step's own tokens -- a whole context chunk with chunked prefill -- rounded up to blocks, plus
-    one block, never more than ``max_seq_len``."""
+    one block, never more than ``max_seq_len``.
+
+    ``spec`` (a :class:`~trtllm_loop.trtllm.deploy.speculative.Speculation`): every slot in the full pool (no
+    VSWA split) holding ``max_seq_len`` plus the draft tokens; a draft model adds its weights, its stash and its
+    own full-pool KV per sequence."""
     kv_dtype = {"auto": {"fp32": "float32", "fp16": "float16"}.get(fmt, "bfloat16"), "fp8": "fp8",
                 "nvfp4": "nvfp4"}[bc.kv_cache_dtype]
     per_token_layer = 2 * cfg.kv_size / tp * KV_DTYPE_BYTES[kv_dtype]
@@ -75,14 +80,26 @@ def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fm
     W = cfg.loop_window_size
     full_tokens = _tokens_per_sequence(cfg, None, bc)
     win_tokens = _tokens_per_sequence(cfg, W, bc)
+    if spec is not None:  # deploy/speculative.py: no window pool, K draft tokens (twice: overlap scheduler)
+        full_tokens = win_tokens = bc.max_seq_len + spec.extra_tokens
     shares = None
-    if W < bc.max_seq_len:
+    if W < bc.max_seq_len and spec is None:
         shares = window_shares(win_tokens, full_tokens)
     stash = cfg.num_hidden_layers * bc.max_num_tokens * 2 * cfg.kv_size / tp * act_bytes
     gpu = bc.gpu_memory_gib * 2**30
     weights = weight_bytes / tp
-    kv_budget = (gpu - weights - stash - ACTIVATION_RESERVE_GIB * 2**30) * bc.free_gpu_memory_fraction
     per_seq = cfg.num_hidden_layers * per_token_layer * (full_tokens + win_tokens)
+    draft = None
+    if spec is not None and spec.draft_cfg is not None:
+        d = spec.draft_cfg
+        d_stash = d.num_hidden_layers * bc.max_num_tokens * 2 * d.kv_size / tp * act_bytes
+        d_per_seq = d.num_kv_slots * full_tokens * 2 * d.kv_size / tp * KV_DTYPE_BYTES[kv_dtype]
+        draft = {"weights_bytes_per_gpu": int(draft_weight_bytes / tp), "kv_stash_bytes_per_gpu": int(d_stash),
+                 "kv_bytes_per_full_length_sequence": int(d_per_seq)}
+        weights += draft_weight_bytes / tp
+        stash += d_stash
+        per_seq += d_per_seq
+    kv_budget = (gpu - weights - stash - ACTIVATION_RESERVE_GIB * 2**30) * bc.free_gpu_memory_fraction
     return {
         "tensor_parallel_size": tp, "weight_format": fmt, "kv_cache_dtype": kv_dtype,
         "weights_bytes_per_gpu": int(weights), "kv_stash_bytes_per_gpu": int(stash),
@@ -94,6 +111,9 @@ def memory_plan(bc: BuildConfig, cfg: LoopConfig, weight_bytes: int, tp: int, fm
         "window_tokens_per_sequence": win_tokens, "full_tokens_per_sequence": full_tokens,
         "window_size_shares": shares,
         "window_sizes_ascending": [W, bc.max_seq_len] if shares else [bc.max_seq_len],
+        "speculative": None if spec is None else {
+            "kind": spec.kind, "max_draft_len": spec.k, "extra_kv_tokens_per_sequence": spec.extra_tokens,
+            "window_slots_in_full_pool": True, "draft": draft},
     }
 
 
@@ -104,4 +124,7 @@ def check_fits(bc: BuildConfig, plan: dict) -> None:
         raise UserError(f"{bc.source}: weights ({plan['weights_bytes_per_gpu'] / 2**30:.1f} GiB per GPU) plus the "
                         f"pass-1 K/V stash leave no room for one {bc.max_seq_len}-token sequence on a "
                         f"{bc.gpu_memory_gib} GiB GPU ({need:.1f} GiB before KV); use a smaller weight format, "
-                        "a larger --tp, or lower max_seq_len / max_num_tokens")
+                        "a larger --tp, or lower max_seq_len / max_num_tokens"
+                        + ("; with --speculative every KV slot, the pass-2 window slots too, is kept at full length "
+                           "(TRT-LLM's window pool cannot rewind draft tokens) and the draft model's weights and KV "
+                           "count too: drop --speculative or use ngram" if plan.get("speculative") else ""))

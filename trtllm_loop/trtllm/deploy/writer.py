@@ -19,6 +19,7 @@ from .build_config import BuildConfig, load_build_config
 from .formats import allowed_tp, check_combination, replicate_kv, weight_format
 from .llm_args import REGISTER_MODULE, llm_api_options
 from .memory import check_fits, memory_plan, shares_env
+from .speculative import parse as parse_speculation, speculative_config
 from .templating import fill_template
 
 PACKAGE_DIR = Path(trtllm_loop.__file__).resolve().parent          # trtllm_loop/
@@ -56,7 +57,10 @@ def _write(path: Path, text: str, executable: bool = False) -> None:
 
 def _env_sh(plan: dict) -> str:
     shares = plan["window_size_shares"]
-    if not shares:
+    if plan.get("speculative"):
+        line = ("# speculative decoding: every KV slot in the full pool (max_attention_window [max_seq_len], no "
+                "VSWA; trtllm_loop/trtllm/deploy/speculative.py): no TRTLLM_WINDOW_SIZE_SHARES")
+    elif not shares:
         line = "# one window group (W >= max_seq_len): no TRTLLM_WINDOW_SIZE_SHARES"
     else:
         line = ("# VSWA pools split by tokens each window group holds per sequence (memory_plan.json), "
@@ -75,6 +79,7 @@ def _serve_sh(cfg: LoopConfig, fmt: str, tp: int, trtllm_version: str) -> str:
 
 def _copy_checkpoint(ckpt: Path, tmp: Path, cfg: LoopConfig, bc: BuildConfig, files: list[Path], weights: str):
     hf_cfg = json.loads((ckpt / "config.json").read_text())
+    tmp.mkdir(parents=True, exist_ok=True)
     from trtllm_loop.trtllm.torch_backend.config_view import to_view_dict
     extra = {"quantization_config": hf_cfg["quantization_config"]} if "quantization_config" in hf_cfg else {}
     _write(tmp / "config.json", json.dumps(to_view_dict(cfg, extra), indent=2) + "\n")
@@ -116,9 +121,10 @@ def _tokenizer_dir(ckpt: Path, tokenizer) -> Path:
 
 def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | None = None,
           weights: str = "link", force: bool = False, trtllm_version: str = "1.2.1",
-          tokenizer: str | Path | None = None) -> dict:
+          tokenizer: str | Path | None = None, speculative: str | None = None) -> dict:
     """Validate, plan and write the deploy directory; returns build_info. ``tokenizer``: a directory with the
-    tokenizer files when the checkpoint has none."""
+    tokenizer files when the checkpoint has none. ``speculative``: ``ngram[:K]`` or ``draft:PATH[:K]``
+    (``deploy/speculative.py``); a draft checkpoint is validated and deployed as ``draft/``."""
     from trtllm_loop.checkpoint import weight_map
     from trtllm_loop.checkpoint.validate import check
 
@@ -134,11 +140,19 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
     tp = tp or bc.tensor_parallel_size
     check_combination(bc, cfg, fmt, tp, ckpt)
     files = sorted(set(weight_map(ckpt).values()))
-    plan = memory_plan(bc, cfg, sum(f.stat().st_size for f in files), tp, fmt)
+    spec = parse_speculation(speculative, cfg) if speculative else None
+    dfiles: list[Path] = []
+    if spec is not None and spec.draft is not None:
+        warnings += [f"draft: {f}" for f in check(spec.draft)]
+        check_combination(bc, spec.draft_cfg, weight_format(spec.draft, spec.draft_cfg), tp, spec.draft)
+        dfiles = sorted(set(weight_map(spec.draft).values()))
+    plan = memory_plan(bc, cfg, sum(f.stat().st_size for f in files), tp, fmt, spec,
+                       sum(f.stat().st_size for f in dfiles))
     check_fits(bc, plan)
     if weights not in WEIGHT_MODES:
         raise UserError(f"--weights {weights!r}: allowed link (hard link, copy across filesystems), copy, symlink")
-    opts = llm_api_options(bc, cfg, fmt)
+    spec_cfg = speculative_config(spec, str(out.resolve() / "draft")) if spec is not None else None
+    opts = llm_api_options(bc, cfg, fmt, spec_cfg)
     tok = _tokenizer_dir(ckpt, tokenizer)
     try:  # the Triton renderer checks every config.pbtxt with tritonclient's ModelConfig protobuf
         import tritonclient.grpc.model_config_pb2  # noqa: F401
@@ -147,6 +161,8 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
                         "installed: pip install -e '.[serving]' (or pip install 'tritonclient[grpc]')") from None
     with atomic_dir(out, overwrite=force, hint="pass --force to replace it", protect=(ckpt,)) as tmp:
         _copy_checkpoint(ckpt, tmp, cfg, bc, files, weights)
+        if dfiles:
+            _copy_checkpoint(spec.draft, tmp / "draft", spec.draft_cfg, bc, dfiles, weights)
         for f in sorted(tok.iterdir()):  # a tokenizer given apart from the checkpoint (--tokenizer)
             if f.is_file() and f.name in TOKENIZER_FILES and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
@@ -166,6 +182,7 @@ def build(ckpt: str | Path, config: str | Path, out: str | Path, *, tp: int | No
         info = {"architecture": ARCHITECTURE, "checkpoint": str(ckpt.resolve()), "target": bc.target,
                 "build_config": asdict(bc), "weight_format": fmt, "tensor_parallel_size": tp,
                 "kv_layers": cfg.num_kv_slots, "physical_layers": cfg.num_hidden_layers,
-                "weights": weights, "trtllm_version": trtllm_version, "checkpoint_warnings": warnings}
+                "weights": weights, "trtllm_version": trtllm_version, "checkpoint_warnings": warnings,
+                "speculative_config": spec_cfg}
         _write(tmp / "build_info.json", json.dumps(info, indent=2) + "\n")
     return info

@@ -14,7 +14,15 @@ Checks the real code performs on the paths we use, mirrored here (each cites its
   ``load_weights`` names one; then every ``post_load_weights()``;
 * ``TRTLLM_WINDOW_SIZE_SHARES``: one share per distinct window, summing to exactly 1.0 (C++ KV-cache sizing);
 * the KV cache manager gets the ``llmapi.llm_args.KvCacheConfig`` class (``resource_manager.py``);
-* attention ``runtime_features.chunked_prefill`` follows ``enable_chunked_prefill`` (``py_executor_creator.py``).
+* attention ``runtime_features.chunked_prefill`` follows ``enable_chunked_prefill`` (``py_executor_creator.py``);
+* ``speculative_config`` (``TorchLlmArgs.validate_speculative_config``): NGram needs ``max_draft_len > 0`` and
+  ``max_matching_ngram_size > 0``, DraftTarget ``max_draft_len > 0`` and ``speculative_model_dir``; a generation
+  request then brings its last token and up to ``max_draft_len`` drafts in one step (``model_engine.py``:
+  ``sequence_lengths.append(1 + num_draft_tokens)``, all their logits gathered), the longest greedy-matching
+  prefix is accepted and the rest rewound (``resource_manager.py``: ``update_resources`` -> ``rewind_kv_cache``).
+  The double drafts with prompt lookup (:class:`trtllm_loop.runtime.speculative.NgramProposer`; TRT-LLM's
+  ``NGramDrafter`` pool, in ``_torch/speculative/ngram.py``, is not in ../shared/reference): the greedy tokens
+  are those of normal decoding whatever the drafts. DraftTarget is validated, not run.
 
 Sampling is greedy only (the double is for logits checks and CPU serving tests). Requests run one
 ``generate`` call (or one ``generate_async`` request) at a time; each gets a fresh KV cache."""
@@ -28,12 +36,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .llm_args import CudaGraphConfig, KvCacheConfig
+from .llm_args import CudaGraphConfig, DecodingBaseConfig, KvCacheConfig
 
 # the TorchLlmArgs / BaseLlmArgs fields (llm_args.py @0249976) the double implements; any other key is refused
 # as pydantic refuses it there (StrictBaseModel.Config.extra = "forbid")
 LLM_ARG_FIELDS = ("backend", "pipeline_parallel_size", "kv_cache_config", "cuda_graph_config", "max_batch_size",
-                  "max_seq_len", "max_num_tokens", "enable_chunked_prefill", "attn_backend",
+                  "max_seq_len", "max_num_tokens", "enable_chunked_prefill", "attn_backend", "speculative_config",
                   # llm.py @4c05a74, LLM.__init__: valid_keys = model_fields + ['_mpi_session', 'backend'] (an
                   # MpiCommSession from a Triton rank-0 model; the double's ranks are simulated in process)
                   "_mpi_session")
@@ -159,6 +167,23 @@ def check_window_shares(env: Optional[str], windows: List[int]) -> None:
                          f"{sorted(set(windows))}) whose sum is exactly 1.0 (it is {sum(vals)!r})")
 
 
+def _speculative(spec, backend: str):
+    """``TorchLlmArgs.validate_speculative_config`` (llm_args.py @0249976) for the linear drafters; a dict goes
+    through ``DecodingBaseConfig.from_dict`` as ``update_llm_args_with_extra_dict`` does for YAML options."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        spec = DecodingBaseConfig.from_dict(spec)
+    if not spec.supports_backend(backend):
+        raise ValueError(f"Speculation type {spec.decoding_type} does not support backend {backend}")
+    if spec.decoding_type == "NGram":
+        assert spec.max_draft_len > 0 and spec.max_matching_ngram_size > 0
+    else:
+        assert spec.max_draft_len > 0
+        assert spec.speculative_model_dir is not None, "Path to draft model must be specified."
+    return spec
+
+
 class LLM:
 
     def __init__(self, model, tokenizer=None, tokenizer_mode="auto", skip_tokenizer_init: bool = False,
@@ -192,6 +217,7 @@ class LLM:
         self.max_seq_len = kwargs.get("max_seq_len") or self.config.max_position_embeddings
         self.enable_chunked_prefill = kwargs.get("enable_chunked_prefill", False)
         self.attn_backend = kwargs.get("attn_backend", "TRTLLM")
+        self.speculative_config = _speculative(kwargs.get("speculative_config"), backend)
         self.windows = [min(w, self.max_seq_len) for w in (self.kv_cache_config.max_attention_window
                                                           or [self.max_seq_len])]
         # the executor runs in worker processes spawned now: they see the environment of this moment
@@ -347,6 +373,14 @@ class LLM:
             self._models[rank] = (model, mc, mapping)
         return self._models[rank]
 
+    def _draft(self, tokens: List[int], n_gen: int, sp) -> List[int]:
+        """Prompt-lookup drafts, never past max_tokens or max_seq_len."""
+        from trtllm_loop.runtime.speculative import NgramProposer
+
+        spec = self.speculative_config
+        k = min(spec.max_draft_len, sp.max_tokens - n_gen - 1, self.max_seq_len - len(tokens) - 1)
+        return NgramProposer(spec.max_draft_len, spec.max_matching_ngram_size).lookup(tokens, k) if k > 0 else []
+
     def _run(self, rank: int, prompts: List[List[int]], sp: SamplingParams, on_token) -> List[RequestOutput]:
         from tensorrt_llm._torch.attention_backend.interface import AttentionRuntimeFeatures
         from tensorrt_llm._torch.attention_backend.utils import get_attention_backend
@@ -356,6 +390,10 @@ class LLM:
         from tensorrt_llm.bindings.internal.batch_manager import CacheType
 
         model, mc, mapping = self._model(rank)
+        spec = self.speculative_config
+        if spec is not None and spec.decoding_type != "NGram":
+            raise NotImplementedError("the double drafts with NGram only (a DraftTarget config is validated, "
+                                      "not run)")
         if len(prompts) > self.max_batch_size:
             raise ValueError(f"{len(prompts)} requests exceed max_batch_size {self.max_batch_size}")
         cfg = self.config
@@ -365,11 +403,12 @@ class LLM:
         mgr = KVCacheManager(self.kv_cache_config, CacheType.SELF, num_layers=cfg.num_hidden_layers,
                              num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, tokens_per_block=tpb,
                              max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size, mapping=mapping,
-                             dtype=dtype, max_num_tokens=self.max_num_tokens,
+                             dtype=dtype, max_num_tokens=self.max_num_tokens, spec_config=spec,
                              model_config=mc.get_bindings_model_config(tokens_per_block=tpb))
         # py_executor_creator.py @bab0f2e: AttentionRuntimeFeatures(chunked_prefill=enable_chunked_context, ...)
         features = AttentionRuntimeFeatures(chunked_prefill=self.enable_chunked_prefill,
                                             cache_reuse=self.kv_cache_config.enable_block_reuse,
+                                            has_speculative_draft_tokens=spec is not None,
                                             chunk_size=self.max_num_tokens)
         ids = list(range(len(prompts)))  # a fresh KV cache per generate() call
         mgr.add_dummy_requests(ids, [len(p) for p in prompts])
@@ -380,9 +419,14 @@ class LLM:
         finished = [False] * len(prompts)
         chunks_of: List[List[int]] = [[] for _ in prompts]
         md_cls = get_attention_backend(self.attn_backend).Metadata
+        drafts: Dict[int, List[int]] = {}
+        self.spec_stats = {"proposed": 0, "accepted": 0}
         try:
             while not all(finished):
-                gen = [(i, done[i], 1) for i, p in enumerate(prompts) if done[i] >= len(p) and not finished[i]]
+                drafts = {i: self._draft(tokens[i], len(tokens[i]) - len(p), sp) for i, p in enumerate(prompts)
+                          if done[i] >= len(p) and not finished[i]} if spec is not None else {}
+                gen = [(i, done[i], 1 + len(drafts.get(i, []))) for i, p in enumerate(prompts)
+                       if done[i] >= len(p) and not finished[i]]
                 ctx_reqs = [i for i, p in enumerate(prompts) if done[i] < len(p)]
                 budget = self.max_num_tokens - len(gen)
                 chunks = context_chunks([len(prompts[i]) - done[i] for i in ctx_reqs], budget, self.chunk_unit)
@@ -402,7 +446,8 @@ class LLM:
                             max_num_tokens=self.max_num_tokens, runtime_features=features)
                 if self._graph_eligible(len(ctx), len(step)) and rank == 0:
                     self.graph_steps += 1
-                x = torch.tensor([t for i, s, n in step for t in tokens[i][s:s + n]], dtype=torch.int32)
+                x = torch.tensor([t for i, s, n in step for t in (tokens[i] + drafts.get(i, []))[s:s + n]],
+                                 dtype=torch.int32)
                 pos = torch.cat([torch.arange(s, s + n, dtype=torch.int32) for _, s, n in step])
                 with torch.inference_mode():
                     md.prepare()
@@ -414,18 +459,30 @@ class LLM:
                         ctx_logits[i].append(part)
                     if done[i] < len(prompts[i]):
                         continue
-                    last = part[-1].float()
-                    nxt = int(last.argmax())  # greedy
-                    gen_logits[i].append(last)
-                    tokens[i].append(nxt)
-                    n_gen = len(tokens[i]) - len(prompts[i])
-                    stop = (not sp.ignore_eos and sp.end_id is not None and nxt == sp.end_id) or \
-                        (sp.stop_token_ids is not None and nxt in sp.stop_token_ids)
-                    if stop and sp.end_id is not None and nxt == sp.end_id:
-                        tokens[i].pop()  # the end token is not part of the output
-                    if n_gen >= sp.max_tokens or stop:
-                        finished[i] = True
-                        mgr.free_resources(ids[i])
+                    d = drafts.get(i, [])
+                    rows = part.float()
+                    a = 0
+                    while a < len(d) and int(rows[a].argmax()) == d[a]:  # greedy: the longest matching prefix
+                        a += 1
+                    self.spec_stats["proposed"] += len(d)
+                    self.spec_stats["accepted"] += a
+                    for last in rows[-1:] if not d else rows[:a + 1]:
+                        nxt = int(last.argmax())  # greedy
+                        gen_logits[i].append(last)
+                        tokens[i].append(nxt)
+                        n_gen = len(tokens[i]) - len(prompts[i])
+                        stop = (not sp.ignore_eos and sp.end_id is not None and nxt == sp.end_id) or \
+                            (sp.stop_token_ids is not None and nxt in sp.stop_token_ids)
+                        if stop and sp.end_id is not None and nxt == sp.end_id:
+                            tokens[i].pop()  # the end token is not part of the output
+                        if n_gen >= sp.max_tokens or stop:
+                            finished[i] = True
+                            mgr.free_resources(ids[i])
+                            break
+                    if d and not finished[i]:
+                        done[i] = s + 1 + a
+                        if a < len(d):  # update_resources: rewind_kv_cache(request, py_rewind_len)
+                            mgr.rewind_kv_cache(ids[i], len(d) - a)
                     if on_token is not None and on_token(tokens[i][len(prompts[i]):]):
                         finished[i] = True  # aborted
         finally:

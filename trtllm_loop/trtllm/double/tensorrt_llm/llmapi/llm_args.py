@@ -39,3 +39,47 @@ class CudaGraphConfig:
     def __post_init__(self):
         if self.max_batch_size < 0:  # validate_cuda_graph_max_batch_size
             raise ValueError("cuda_graph_config.max_batch_size must be non-negative")
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+# llm_args.py @0249976: DecodingBaseConfig and the two linear-draft configs the Loop model can run
+# (NGramDecodingConfig, DraftTargetDecodingConfig; both "supports_backend: backend == 'pytorch'"). Eagle, MTP,
+# Medusa and Lookahead need hidden states or heads the Loop model does not have: the double does not define them.
+@dataclass(kw_only=True)
+class DecodingBaseConfig:
+    max_draft_len: Optional[int] = None
+    max_total_draft_tokens: Optional[int] = None
+    speculative_model_dir: Optional[str] = None
+    max_concurrency: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """DecodingBaseConfig.from_dict: dispatch on ``decoding_type`` ("Invalid decoding type" otherwise)."""
+        data = dict(data)
+        config_class = {"NGram": NGramDecodingConfig, "DraftTarget": DraftTargetDecodingConfig}.get(
+            data.get("decoding_type"))
+        if config_class is None:
+            raise ValueError(f"Invalid decoding type: {data.get('decoding_type')}")
+        data.pop("decoding_type")
+        return config_class(**data)
+
+    def supports_backend(self, backend: str) -> bool:
+        return backend == "pytorch"
+
+    def __post_init__(self):
+        # NGram/DraftTarget __init__: "Current ... only support linear tree"
+        self.max_total_draft_tokens = self.max_draft_len
+
+
+@dataclass(kw_only=True)
+class NGramDecodingConfig(DecodingBaseConfig):
+    max_matching_ngram_size: int = 0
+    is_keep_all: bool = True
+    is_use_oldest: bool = True
+    is_public_pool: bool = True
+    decoding_type = "NGram"
+
+
+@dataclass(kw_only=True)
+class DraftTargetDecodingConfig(DecodingBaseConfig):
+    decoding_type = "Draft_Target"

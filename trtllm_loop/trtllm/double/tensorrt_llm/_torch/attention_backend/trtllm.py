@@ -39,8 +39,13 @@ class TrtllmAttentionMetadata(AttentionMetadata):
 
         new = [int(n) for n in self.seq_lens.tolist()]
         past = list(self.kv_cache_params.num_cached_tokens_per_seq) if self.kv_cache_params else [0] * len(new)
-        if any(n != 1 for n in new[self.num_contexts:]):
-            raise ValueError("generation requests carry exactly one token (no speculative decoding in the double)")
+        rf = self.runtime_features
+        if any(n != 1 for n in new[self.num_contexts:]) and not (rf and rf.has_speculative_draft_tokens):
+            # model_engine.py @0249976: a generation request carries 1 + its draft tokens only when the executor
+            # runs a drafter (py_executor_creator.py: has_speculative_draft_tokens=has_draft_model_engine or
+            # has_spec_drafter); without one, several tokens would be a context the metadata does not declare
+            raise ValueError("generation requests carry one token, or 1 + draft tokens with "
+                             "runtime_features.has_speculative_draft_tokens (a drafter)")
         if sum(new) > self.max_num_tokens or len(new) > self.max_num_requests:
             raise ValueError(f"batch of {len(new)} requests / {sum(new)} tokens exceeds max_num_requests "
                              f"{self.max_num_requests} / max_num_tokens {self.max_num_tokens}")

@@ -23,9 +23,22 @@ class KVCacheManager:
         from trtllm_loop.config import LoopConfig
         from trtllm_loop.runtime.kv_cache import PagedKVCache
 
-        if max_beam_width != 1 or spec_config is not None or layer_mask is not None:
-            raise NotImplementedError("the double implements beam width 1, no speculative layers, no layer mask")
+        if max_beam_width != 1 or layer_mask is not None:
+            raise NotImplementedError("the double implements beam width 1, no layer mask")
+        if spec_config is not None and type(spec_config).__name__ not in ("NGramDecodingConfig",
+                                                                          "DraftTargetDecodingConfig"):
+            raise NotImplementedError("the double implements the linear drafters (NGram, DraftTarget) only")
         vec = [min(w, max_seq_len) for w in (kv_cache_config.max_attention_window or [max_seq_len])]
+        if spec_config is not None and len(set(vec)) > 1:
+            # Silently wrong on the real stack, so refused here: prepare_resources adds 1 + draft_len tokens
+            # before the forward (resource_manager.py @b35ac1b); the C++ WindowBlockManager::adjustBlocksIfNeeded
+            # (kvCacheManager.cpp, not in ../shared/reference) then detaches every front block the sequence is
+            # W + tokens_per_block past -- counting the drafts -- so the verification step's first query reads
+            # a released block, and rewind_kv_cache (removeToken) never re-attaches it.
+            raise ValueError(f"speculative decoding with a sliding-window KV pool (max_attention_window {vec}): "
+                             "window blocks are detached counting the draft tokens and not restored by the "
+                             "rewind; keep every layer in the full pool (max_attention_window [max_seq_len])")
+        self.max_draft_len = spec_config.max_draft_len if spec_config is not None else 0
         if len(set(vec)) > 1:  # VSWA (resource_manager.py @b35ac1b, KVCacheManager.__init__)
             if model_config is None:
                 raise ValueError("model_config is required for VSWA (Variable Sliding Window Attention)")
@@ -51,6 +64,7 @@ class KVCacheManager:
         self.cache = PagedKVCache(geometry, tokens_per_block,
                                   self._blocks_per_window(kv_cache_config, window, vec, dtype), dtype.value)
         self._seqs: set = set()
+        self._len: dict = {}  # request -> tokens in the cache after its last step
 
     def _blocks_per_window(self, kv_cache_config, window: int, vec: List[int], dtype) -> dict:
         """Blocks of each window group's pool. With ``max_gpu_total_bytes`` the VSWA budget is split between the
@@ -97,6 +111,13 @@ class KVCacheManager:
                 raise KeyError(f"request {seq} was not added to the KV cache manager")
             self.cache.trim(seq, past)
             self.cache.prepare(seq, past, n)
+            self._len[seq] = past + n
+
+    def rewind_kv_cache(self, request, rewind_len: int) -> None:
+        """Drop the last ``rewind_len`` tokens (rejected drafts) of a request (takes the request id; the real
+        method takes the ``LlmRequest`` and calls the C++ ``rewindKVCache``)."""
+        self._len[request] -= rewind_len
+        self.cache.rollback(request, self._len[request])
 
     def free_resources(self, request, pin_on_release: bool = False) -> None:
         """Takes the request id (the real method takes the ``LlmRequest``)."""
