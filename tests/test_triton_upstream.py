@@ -38,12 +38,12 @@ if not (MODELS_DIR / "ensemble" / "config.pbtxt").is_file():
                 allow_module_level=True)
 
 
-def upstream_config(model: str):
+def upstream_config(model: str, models_dir: Path = MODELS_DIR):
     """Upstream's template, its ${...} filled as fill_template.py would (types: FP16 tables, FP32 logits)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    text = (MODELS_DIR / model / "config.pbtxt").read_text()
+    text = (models_dir / model / "config.pbtxt").read_text()
     text = text.replace("${logits_datatype}", "TYPE_FP32").replace("${decoupled_mode}", "true")
     text = re.sub(r"\$\{\w+_data_type\}", "TYPE_FP16", text)
     text = re.sub(r"\$\{\w+\}", "4", text)
@@ -95,6 +95,24 @@ def test_upstream_contract_has_no_differences(tmp_path, ckpt, flavour):
     broken.CopyFrom(cfgs["ensemble"])
     del broken.input[-1]
     assert contract_differences(broken, upstream_config("ensemble"))
+
+
+LLMAPI_DIR = UPSTREAM / "all_models" / "llmapi"
+
+
+def test_llmapi_flavour_has_upstream_llmapi_contract(tmp_path, ckpt):
+    """Issue 10 item 6: every input and output of upstream's LLM-API ``tensorrt_llm``
+    (``all_models/llmapi/tensorrt_llm/config.pbtxt``) is in the llmapi flavour's, same name, dtype and dims."""
+    from trtllm_loop.serving.render import render_repository, validate_repository
+
+    repo = render_repository("llmapi", ckpt, tmp_path / "repo", max_seq_len=64)
+    ours = validate_repository(repo)["tensorrt_llm"]
+    theirs = upstream_config("tensorrt_llm", LLMAPI_DIR)
+    assert {t.name for t in theirs.input} >= {"text_input", "sampling_param_max_tokens", "return_finish_reason"}
+    assert len(theirs.input) == 17 and len(theirs.output) == 16  # the parse really read upstream's contract
+    assert contract_differences(ours, theirs) == []
+    reference = validate_repository(render_repository("reference", ckpt, tmp_path / "ref", max_seq_len=64))
+    assert contract_differences(reference["tensorrt_llm"], theirs)  # the comparison can fail
 
 
 # ----------------------------------------------------------------------------- upstream's client
