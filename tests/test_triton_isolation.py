@@ -212,6 +212,52 @@ def test_unary_infer_when_not_decoupled(unary, protocol):
     c.close()
 
 
+def _infer_inputs(mod, arrays):
+    dts = {np.int32: "INT32", np.bool_: "BOOL", np.object_: "BYTES"}
+    out = []
+    for name, arr in arrays.items():
+        t = mod.InferInput(name, list(arr.shape), dts[arr.dtype.type])
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unary_infer_with_a_batch_when_not_decoupled(unary, protocol):
+    """Issue 10 item 4: a batch of 2 prompts of different lengths (and max_tokens) in one unary request: one
+    response whose rows are the prompts' results (rq.BatchResponder, not decoupled), on every model."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    mod, url = (grpcclient, unary.grpc_url) if protocol == "grpc" else (httpclient, unary.http_url)
+    c = mod.InferenceServerClient(url)
+    prompts, lens = ["def add(a, b):", "hello"], [12, 5]
+    want = [_want(unary, p, n) for p, n in zip(prompts, lens)]
+    assert len({len(ids) for ids, _ in want}) == 2
+    text_arrays = {"text_input": np.array([[p.encode()] for p in prompts], dtype=object),
+                   "max_tokens": np.array([[n] for n in lens], np.int32),
+                   "exclude_input_in_output": np.array([[True], [True]])}
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        res = c.infer(model, _infer_inputs(mod, text_arrays))
+        got = [t.decode() if isinstance(t, bytes) else t for t in res.as_numpy("text_output").reshape(-1)]
+        assert got == [t for _, t in want], model
+    ids = [unary.tok.encode(p, add_special_tokens=False) for p in prompts]
+    assert len(ids[0]) != len(ids[1])
+    width = max(map(len, ids))
+    res = c.infer("tensorrt_llm", _infer_inputs(mod, {
+        "input_ids": np.array([r + [0] * (width - len(r)) for r in ids], np.int32),
+        "input_lengths": np.array([[len(r)] for r in ids], np.int32),
+        "request_output_len": np.array([[n] for n in lens], np.int32),
+        "end_id": np.full((2, 1), unary.tok.eos_token_id, np.int32),
+        "exclude_input_in_output": np.array([[True], [True]])}))
+    n = res.as_numpy("sequence_length").reshape(-1).tolist()
+    out = res.as_numpy("output_ids").reshape(2, -1)
+    assert [out[b, :n[b]].tolist() for b in range(2)] == [_want(unary, p, k, stop_words=False)[0]
+                                                          for p, k in zip(prompts, lens)]
+    assert res.as_numpy("batch_index").reshape(-1).tolist() == [0, 1]
+    c.close()
+
+
 def test_streaming_refused_when_not_decoupled(unary):
     with pytest.raises(TritonRequestError, match="stream=true needs the decoupled tensorrt_llm_bls"):
         list(grpc_stream(unary.grpc_url, "tensorrt_llm_bls", request_fields("hi", 4), stream=True))
