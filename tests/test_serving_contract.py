@@ -73,6 +73,12 @@ def test_llm_request_fields_and_defaults():
     r = rq.parse_llm_request(llm(embedding_bias=np.zeros((1, 0), np.float32),
                                  bad_words_list=rq.to_word_list([])[None]))
     assert not r.embedding_bias and r.bad_words == [] and r.features() == {}
+    r = rq.parse_llm_request(llm(embedding_bias=np.array([[0.5, -1, 0]], np.float32)), vocab_size=30)
+    assert r.bias.tolist() == [0.5, -1, 0] and r.bias.dtype == np.float32
+    fails("embedding_bias has 31 values but the vocabulary has 30", rq.parse_llm_request,
+          llm(embedding_bias=np.zeros((1, 31), np.float32)), vocab_size=30)
+    fails("embedding_bias must be finite numbers, got inf", rq.parse_llm_request,
+          llm(embedding_bias=np.array([[0, np.inf]], np.float32)))
 
 
 def test_llm_request_missing_inputs():

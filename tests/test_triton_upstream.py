@@ -203,11 +203,24 @@ def test_upstream_client_log_probs_perf_and_logits(env, model):
     run_client(env, "--model-name", model, "--streaming", "--return-perf-metrics")
 
 
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_upstream_client_embedding_bias(env, model):
+    """--embedding-bias-words/weights: upstream's rule (preprocessing/1/model.py ``_get_embedding_bias``: every
+    token id of every word gets the word's weight added), applied to the logits before greedy."""
+    word, weight = "return", 6.0
+    bias: dict = {}
+    for t in env.tok.encode(word, add_special_tokens=False):
+        bias[t] = bias.get(t, 0.0) + weight
+    prompt = env.tok.encode(PROMPT, add_special_tokens=False)
+    ids = greedy(env.model, prompt, 12, end_ids=env.end_ids, stop_ids=env.stop_ids, bias=bias)
+    assert ids != want(env)[0] and set(ids) & set(bias)  # the bias changes the answer
+    run_client(env, "--model-name", model, "--exclude-input-in-output", "--embedding-bias-words", word,
+               "--embedding-bias-weights", str(weight), expected=env.tok.decode(ids, skip_special_tokens=True))
+
+
 def test_upstream_client_refusals_are_per_field(env):
     for flags, msg in ((["--guided-decoding-guide-type", "json", "--guided-decoding-guide", "{}"],
                         "guided decoding needs a grammar backend"),
-                       (["--embedding-bias-words", "hello", "--embedding-bias-weights", "1.5"],
-                        "embedding_bias is not supported by the reference runtime"),
                        (["--beam-width", "2"], "beam_width=2 is not supported")):
         cmd = [sys.executable, str(CLIENT), "-u", env.server.grpc_url, "--prompt", PROMPT, "--output-len", "4",
                "--model-name", "tensorrt_llm_bls", *flags]

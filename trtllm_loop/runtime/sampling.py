@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed; stop rules."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed, embedding bias; stop
+rules."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None   # None = the model's eos ids
     stop_sequences: list[list[int]] = field(default_factory=list)  # token-id sequences that end generation
     ignore_eos: bool = False
+    # added to the logits before anything else (greedy included), TensorRT-LLM's ``embedding_bias``
+    # (``tensorrt_llm/sampling_params.py``: "embedding_bias (torch.Tensor): The embedding bias tensor"); shorter
+    # than the vocabulary: the ids past its end get no bias
+    embedding_bias: torch.Tensor | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -30,6 +35,9 @@ class SamplingParams:
         for s in self.stop_sequences:
             if not s:
                 raise ValueError("stop_sequences must not contain an empty sequence")
+        b = self.embedding_bias
+        if b is not None and (b.ndim != 1 or not bool(torch.isfinite(b).all())):
+            raise ValueError(f"embedding_bias must be a 1-D tensor of finite numbers, got shape {list(b.shape)}")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -40,6 +48,12 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
     """One token from fp32 logits ``[V]``."""
+    if p.embedding_bias is not None:
+        b = p.embedding_bias
+        if b.numel() > logits.numel():
+            raise ValueError(f"embedding_bias has {b.numel()} values but the vocabulary has {logits.numel()}")
+        logits = logits.float().clone()
+        logits[:b.numel()] += b.to(logits.dtype)
     if p.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits.float() / p.temperature

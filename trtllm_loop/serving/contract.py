@@ -376,6 +376,7 @@ class LLMRequest:
     stop_words: list[list[int]] = field(default_factory=list)
     bad_words: list[list[int]] = field(default_factory=list)
     embedding_bias: bool = False        # a non-empty embedding_bias was sent
+    bias: Any = field(default=None, compare=False)  # its values ([V'] float32, V' <= vocab_size), when sent
     returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true
     streaming: bool = False
     exclude_input: bool = False
@@ -432,7 +433,7 @@ def parse_llm_requests(inp: Inputs, *, default_exclude: bool = False, vocab_size
     out_lens = scalars(inp, "request_output_len", int, batch)
     end_ids, pad_ids = scalars(inp, "end_id", int, batch), scalars(inp, "pad_id", int, batch)
     stops, bads = rows(inp, "stop_words_list", int, batch, 2), rows(inp, "bad_words_list", int, batch, 2)
-    bias = tensor(inp, "embedding_bias", float)
+    biases = rows(inp, "embedding_bias", float, batch)
     flags = {r: scalars(inp, r, bool, batch) for r in (*RETURN_FLAGS, *COUNT_FLAGS, "streaming",
                                                        "exclude_input_in_output")}
     sampling = Sampling.parse(inp, batch)
@@ -460,11 +461,18 @@ def parse_llm_requests(inp: Inputs, *, default_exclude: bool = False, vocab_size
         if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise (and warns: the models log it)
             out_len = min(out_len, max_seq_len - n)
         excl = flags["exclude_input_in_output"][b]
+        bias = None if biases[b] is None or np.asarray(biases[b]).size == 0 else \
+            np.asarray(biases[b], dtype=np.float32).reshape(-1)
+        if bias is not None and not np.isfinite(bias).all():
+            raise RequestError(f"embedding_bias must be finite numbers, got {_show(float(bias[~np.isfinite(bias)][0]))}")
+        if bias is not None and vocab_size and bias.size > vocab_size:
+            raise RequestError(f"embedding_bias has {bias.size} values but the vocabulary has {vocab_size}: send at "
+                               "most one value per token id")
         out.append(LLMRequest(
             input_ids=row, output_len=out_len, end_id=end_ids[b], pad_id=pad_ids[b], sampling=sampling[b],
             stop_words=from_word_list(stops[b], "stop_words_list"),
             bad_words=from_word_list(bads[b], "bad_words_list"),
-            embedding_bias=bias is not None and bias.size > 0,
+            embedding_bias=bias is not None, bias=bias,
             returns=tuple(r for r in RETURN_FLAGS if flags[r][b]),
             streaming=bool(flags["streaming"][b]),
             exclude_input=default_exclude if excl is None else excl, asked_len=asked,

@@ -13,7 +13,17 @@ triton_decoder.py``).
 Bounded time, whatever happens below: every response of `tensorrt_llm` is awaited at most
 ``response_timeout_s`` (the BLS call runs on a pump thread; the worker waits on a queue), so each request ends
 with its final response or an error, and a `tensorrt_llm` that never answers holds no worker.
+
+The stub must not crash under many concurrent decoupled BLS calls: a finished response iterator is kept referenced
+here for ``RETIRE_S`` (``_retire``). In the Python backend of Triton 24.10 (the nvidia-pytriton bundle) the
+stub's cleanup thread erases the iterator from its ``response_iterator_map_`` after the last response
+(``ResponseIterator::Clear`` -> ``Stub::SendCleanupId``, src/pb_stub.cc) without holding the GIL; when that erase
+drops the last reference, the iterator's responses and their numpy arrays are freed there, off the GIL -- a
+refcount race that kills the stub now and then (its process becomes a zombie; Triton 24.10 still reports the
+model ready and every later BLS request hangs). Fixed upstream in python_backend r24.12 ("Hold GIL when deleting
+numpy array", #390); holding the reference keeps the last release on a Python thread, with the GIL.
 """
+import collections
 import json
 import queue
 import threading
@@ -34,6 +44,8 @@ except ImportError:  # pragma: no cover - running from the source tree
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _END = object()
 CANCEL_CHECK_S = 0.05
+# how long a finished BLS response iterator is kept referenced here (see TritonPythonModel._retire)
+RETIRE_S = 30.0
 
 
 def _text(s: str, counts: dict | None = None, extra: list | None = None, batch_index: int | None = None) -> list:
@@ -140,6 +152,8 @@ class TritonPythonModel:
         self.timeout = float(params.get("response_timeout_s") or 300)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency") or 64),
                                        thread_name_prefix="bls")
+        self.retired: collections.deque = collections.deque()
+        self.retired_lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:  # each request answers for itself: a bad one never touches the others
@@ -211,8 +225,12 @@ class TritonPythonModel:
         def run():
             try:
                 if self.decoupled:
-                    for resp in request.exec(decoupled=True):
-                        q.put(resp)
+                    responses = request.exec(decoupled=True)
+                    try:
+                        for resp in responses:
+                            q.put(resp)
+                    finally:
+                        self._retire(responses)
                 else:
                     q.put(request.exec())
             except Exception as e:
@@ -221,6 +239,17 @@ class TritonPythonModel:
 
         threading.Thread(target=run, name="bls-pump", daemon=True).start()
         return q
+
+    def _retire(self, responses):
+        """Keep a finished decoupled response iterator referenced for RETIRE_S, then drop it here (a Python thread,
+        with the GIL): never let the stub's cleanup thread release it last (module docstring)."""
+        now = time.monotonic()
+        with self.retired_lock:
+            self.retired.append((now, responses))
+            old = []
+            while self.retired and now - self.retired[0][0] > RETIRE_S:
+                old.append(self.retired.popleft()[1])
+        del old  # released outside the lock, on this thread
 
     def _next(self, q):
         try:

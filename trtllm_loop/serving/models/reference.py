@@ -42,7 +42,7 @@ CANCEL_CHECK_S = 0.05
 # tensorrt_llm inputs the paged runtime has no counterpart for (rq.LLMRequest.features names)
 # (log probs, context / generation logits, perf metrics and token counts it returns: rq.RETURN_FLAGS, COUNT_FLAGS)
 UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "min_tokens", "embedding_bias", "bad_words_list")
+               "min_tokens", "bad_words_list")
 LOGIT_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
 
@@ -178,6 +178,8 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ requests (Triton thread)
     def _sampling_params(self, req):
+        import torch
+
         req.reject(UNSUPPORTED, "the reference runtime")
         s = req.sampling
         return self.SamplingParams(
@@ -185,7 +187,8 @@ class TritonPythonModel:
             top_k=s.top_k or 0, top_p=1.0 if s.top_p is None else s.top_p, seed=s.seed,
             # end_id < 0: no end token (TRT-LLM); unset: the model's eos ids
             stop_token_ids=None if req.end_id is None else ((req.end_id,) if req.end_id >= 0 else ()),
-            stop_sequences=req.stop_words, ignore_eos=False)
+            stop_sequences=req.stop_words, ignore_eos=False,
+            embedding_bias=None if req.bias is None else torch.from_numpy(req.bias))
 
     def execute(self, requests):
         for request in requests:  # each request answers for itself: a bad one never touches the others
