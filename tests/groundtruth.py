@@ -12,12 +12,15 @@ MIN_MARGIN = 1e-4
 
 
 @torch.no_grad()
-def greedy(model, prompt: list[int], max_tokens: int, end_ids=(), stop_ids=()) -> list[int]:
+def greedy(model, prompt: list[int], max_tokens: int, end_ids=(), stop_ids=(), bias=None) -> list[int]:
     """Greedy continuation of ``prompt``: an id in ``end_ids`` ends it and is not returned (TRT-LLM's end_id),
-    one in ``stop_ids`` ends it and is returned (single-token stop words)."""
+    one in ``stop_ids`` ends it and is returned (single-token stop words); ``bias`` ({id: value}) is added to the
+    logits first (TRT-LLM's embedding_bias)."""
     out: list[int] = []
     while len(out) < max_tokens:
         logits = model(torch.tensor([list(prompt) + out])).logits[0, -1].float()
+        for t, v in (bias or {}).items():
+            logits[t] += v
         top = torch.topk(logits, 2).values
         gap = float(top[0] - top[1])
         assert gap > MIN_MARGIN, f"greedy step {len(out)} after {prompt + out} is a near tie ({gap:.2e}): pick another prompt"

@@ -76,3 +76,14 @@ def test_runtime_stops_on_eos_list(tiny_ckpt):
 def test_runtime_refuses_non_finite_or_negative_temperature(bad):
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         SamplingParams(temperature=bad).validate()
+
+
+def test_embedding_bias_is_added_to_the_logits_first():
+    # TensorRT-LLM's embedding_bias: logits + bias before greedy / sampling; a shorter bias leaves the rest alone
+    assert set(draws(SamplingParams(temperature=0.0, embedding_bias=torch.tensor([0.0, 0.0, 2.5])), 5)) == {2}
+    assert set(draws(SamplingParams(temperature=1.0, top_k=1, embedding_bias=torch.tensor([4.0])))) == {0}
+    assert set(draws(SamplingParams(temperature=0.0, embedding_bias=torch.tensor([0.0, -9.0])), 5)) == {3}
+    with pytest.raises(ValueError, match="embedding_bias has 6 values but the vocabulary has 5"):
+        sample(LOGITS.clone(), SamplingParams(embedding_bias=torch.zeros(6)), make_generator(0))
+    with pytest.raises(ValueError, match="embedding_bias must be a 1-D tensor of finite numbers"):
+        SamplingParams(embedding_bias=torch.tensor([0.0, float("nan")])).validate()

@@ -73,6 +73,12 @@ def test_llm_request_fields_and_defaults():
     r = rq.parse_llm_request(llm(embedding_bias=np.zeros((1, 0), np.float32),
                                  bad_words_list=rq.to_word_list([])[None]))
     assert not r.embedding_bias and r.bad_words == [] and r.features() == {}
+    r = rq.parse_llm_request(llm(embedding_bias=np.array([[0.5, -1, 0]], np.float32)), vocab_size=30)
+    assert r.bias.tolist() == [0.5, -1, 0] and r.bias.dtype == np.float32
+    fails("embedding_bias has 31 values but the vocabulary has 30", rq.parse_llm_request,
+          llm(embedding_bias=np.zeros((1, 31), np.float32)), vocab_size=30)
+    fails("embedding_bias must be finite numbers, got inf", rq.parse_llm_request,
+          llm(embedding_bias=np.array([[0, np.inf]], np.float32)))
 
 
 def test_llm_request_missing_inputs():
@@ -321,9 +327,6 @@ def test_text_requests_batch_and_the_batch_rule():
     reqs = rq.parse_text_requests(rq.Inputs({"text_input": np.array([[b"a"], [b"bc"]], dtype=object),
                                              "max_tokens": np.array([[3], [4]], np.int32)}))
     assert [(r.text, r.max_tokens) for r in reqs] == [("a", 3), ("bc", 4)]
-    rq.check_batch(1, False, "m")
-    rq.check_batch(3, True, "m")
-    fails("batch of 2 prompts in one request needs the decoupled m", rq.check_batch, 2, False, "m")
 
     class Sender:
         def __init__(self):
@@ -343,3 +346,22 @@ def test_text_requests_batch_and_the_batch_rule():
     g2 = rq.BatchResponder(s2, 1, 9)
     g2.send(None, last=True)
     assert s2.sent == [(None, 9)]
+    # not decoupled: one response, the prompts' rows stacked (padded) once every prompt has ended, in row order
+    s3 = Sender()
+    g3 = rq.BatchResponder(s3, 2, 9, build=dict, merge=True)
+    g3.send(parts=[("ids", np.array([[1, 2, 3]])), ("n", np.array([[3]]))], index=0)  # not last: nothing
+    g3.send(parts=[("ids", np.array([[7]])), ("n", np.array([[1]])), ("batch_index", np.array([[5]]))], last=True,
+            index=1)
+    assert s3.sent == []
+    g3.send(parts=[("ids", np.array([[1, 2, 3, 4]])), ("n", np.array([[4]])), ("batch_index", np.array([[0]]))],
+            last=True, index=0)
+    [(resp, flags)] = s3.sent
+    assert flags == 9 and resp["ids"].tolist() == [[1, 2, 3, 4], [7, 0, 0, 0]] and resp["n"].tolist() == [[4], [1]]
+    assert resp["batch_index"].tolist() == [[0], [1]]
+    s4 = Sender()  # an error of one prompt is the request's one response; nothing after it
+    g4 = rq.BatchResponder(s4, 2, 9, build=dict, merge=True)
+    g4.send("err", last=True, index=1)
+    g4.send(parts=[("ids", np.array([[1]]))], last=True, index=0)
+    assert s4.sent == [("err", 9)]
+    strings = rq.stack_rows([[("t", np.array([b"ab"], dtype=object))], [("t", np.array([b"c"], dtype=object))]])
+    assert strings[0][1].tolist() == [b"ab", b"c"]

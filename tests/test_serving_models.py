@@ -282,12 +282,13 @@ def test_llmapi_model_one_bad_request_fails_alone(llmapi_model):
     bad = [_Request(_req([1, 2], input_lengths=np.array([[3]], np.int32))),  # used to be sliced silently
            _Request(_req([1], temperature=np.array([[-1.0]], np.float32))),
            _Request(_req([1], return_log_probs=np.array([[True]]))),
-           _Request(_req([1], input_ids=np.array([[1], [2]], np.int32)))]     # used to be flattened
+           _Request(_req([1], input_ids=np.array([[1], [2]], np.int32)))]     # a batch: one length per prompt
     llmapi_model.execute([good[0], *bad, good[1]])
     assert "input_lengths=3 but input_ids has 2 ids" in _error_of(bad[0].sender.sent)
     assert "temperature must be >= 0 (0 = greedy), got -1" in _error_of(bad[1].sender.sent)
     assert "return_log_probs is not supported by the llmapi tensorrt_llm model" in _error_of(bad[2].sender.sent)
-    assert "batch of 2 prompts in one request" in _error_of(bad[3].sender.sent)
+    assert "input_lengths must hold one value per prompt (shape [2, 1]), got shape [1, 1]" in \
+        _error_of(bad[3].sender.sent)
     assert [_ids(_wait_final(r.sender)[-1][0]) for r in good] == [[1, 2, 7, 8, 9, 10, 11], [3, 7, 8, 9, 10, 11]]
     # the sampling options the LLM API receives are the request's, by their LLM-API names
     r = _Request(_req([1], runtime_top_k=np.array([[4]], np.int32), len_penalty=np.array([[1.5]], np.float32),

@@ -29,8 +29,7 @@ from trtllm_loop.serving.client import request_fields  # noqa: E402
 
 TIMEOUT_S = 2
 # BLS workers of the stand-in repository: few, so that a handful of hung calls exhausts them (the point of the test)
-# while the Python backend stub is not flooded with concurrent BLS calls on a 2-core machine
-WORKERS = 2
+WORKERS = 4
 HANG, ERROR, RAISE = 7, 8, 9  # max_tokens values the stand-in tensorrt_llm reacts to
 STANDIN_IDS = [5, 6, 7]
 
@@ -126,12 +125,12 @@ def test_bls_ends_every_request_in_bounded_time(standin, ckpt):
     t0 = time.monotonic()
     # more hung requests than the BLS has workers, plus good ones in between
     with ThreadPoolExecutor(2 * WORKERS + 2) as ex:
-        hung = [ex.submit(_bls, standin, HANG, bool(i % 2)) for i in range(WORKERS + 1)]
-        good = [ex.submit(_bls, standin, 4) for _ in range(2)]
+        hung = [ex.submit(_bls, standin, HANG, bool(i % 2)) for i in range(WORKERS + 2)]
+        good = [ex.submit(_bls, standin, 4) for _ in range(3)]
         for f in hung:
             with pytest.raises(TritonRequestError, match=rf"did not answer within {TIMEOUT_S} s"):
                 f.result(timeout=60)
-        assert [f.result(timeout=60) for f in good] == [want] * 2
+        assert [f.result(timeout=60) for f in good] == [want] * 3
     assert time.monotonic() - t0 < len(hung) * TIMEOUT_S * 2 + 10  # bounded, not "until tensorrt_llm answers"
     assert _bls(standin, 4, stream=False) == want  # no worker is held by the hung calls
 
@@ -209,6 +208,52 @@ def test_unary_infer_when_not_decoupled(unary, protocol):
     n = int(res.as_numpy("sequence_length").reshape(-1)[0])
     out = res.as_numpy("output_ids").reshape(-1)[:n].tolist()
     assert out == _want(unary, prompt, 12, stop_words=False)[0]
+    c.close()
+
+
+def _infer_inputs(mod, arrays):
+    dts = {np.int32: "INT32", np.bool_: "BOOL", np.object_: "BYTES"}
+    out = []
+    for name, arr in arrays.items():
+        t = mod.InferInput(name, list(arr.shape), dts[arr.dtype.type])
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unary_infer_with_a_batch_when_not_decoupled(unary, protocol):
+    """Issue 10 item 4: a batch of 2 prompts of different lengths (and max_tokens) in one unary request: one
+    response whose rows are the prompts' results (rq.BatchResponder, not decoupled), on every model."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    mod, url = (grpcclient, unary.grpc_url) if protocol == "grpc" else (httpclient, unary.http_url)
+    c = mod.InferenceServerClient(url)
+    prompts, lens = ["def add(a, b):", "hello"], [12, 5]
+    want = [_want(unary, p, n) for p, n in zip(prompts, lens)]
+    assert len({len(ids) for ids, _ in want}) == 2
+    text_arrays = {"text_input": np.array([[p.encode()] for p in prompts], dtype=object),
+                   "max_tokens": np.array([[n] for n in lens], np.int32),
+                   "exclude_input_in_output": np.array([[True], [True]])}
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        res = c.infer(model, _infer_inputs(mod, text_arrays))
+        got = [t.decode() if isinstance(t, bytes) else t for t in res.as_numpy("text_output").reshape(-1)]
+        assert got == [t for _, t in want], model
+    ids = [unary.tok.encode(p, add_special_tokens=False) for p in prompts]
+    assert len(ids[0]) != len(ids[1])
+    width = max(map(len, ids))
+    res = c.infer("tensorrt_llm", _infer_inputs(mod, {
+        "input_ids": np.array([r + [0] * (width - len(r)) for r in ids], np.int32),
+        "input_lengths": np.array([[len(r)] for r in ids], np.int32),
+        "request_output_len": np.array([[n] for n in lens], np.int32),
+        "end_id": np.full((2, 1), unary.tok.eos_token_id, np.int32),
+        "exclude_input_in_output": np.array([[True], [True]])}))
+    n = res.as_numpy("sequence_length").reshape(-1).tolist()
+    out = res.as_numpy("output_ids").reshape(2, -1)
+    assert [out[b, :n[b]].tolist() for b in range(2)] == [_want(unary, p, k, stop_words=False)[0]
+                                                          for p, k in zip(prompts, lens)]
+    assert res.as_numpy("batch_index").reshape(-1).tolist() == [0, 1]
     c.close()
 
 

@@ -84,7 +84,14 @@ def test_same_tensor_contract_across_flavours(tmp_path, ckpt, engine):
         sig[flavour] = ([(t.name, t.data_type, list(t.dims)) for t in trt.input] +
                         [(t.name, t.data_type, list(t.dims)) for t in trt.output],
                         [(t.name, t.data_type, list(t.dims)) for t in ens.input])
-    assert sig["reference"] == sig["tensorrtllm"] == sig["llmapi"]
+    assert sig["reference"] == sig["tensorrtllm"]
+    # llmapi: the same tensor contract (kv_cache_alloc_* with upstream llmapi's dims [-1]) plus upstream's LLM-API
+    # contract (tests/test_triton_upstream.py compares that one with upstream's config.pbtxt)
+    kv = ("kv_cache_alloc_new_blocks", "kv_cache_alloc_total_blocks")
+    want = [(n, d, [-1] if n in kv else dims) for n, d, dims in sig["reference"][0]]
+    mine = {n for n, _, _ in sig["reference"][0]}
+    assert [x for x in sig["llmapi"][0] if x[0] in mine] == want and sig["llmapi"][1] == sig["reference"][1]
+    assert {n for n, _, _ in sig["llmapi"][0]} - mine >= {"text_input", "sampling_param_max_tokens", "finish_reason"}
 
 
 def test_validation_catches_broken_wiring(tmp_path, ckpt):

@@ -525,19 +525,26 @@ def test_tensorrt_llm_batch_one_result_per_prompt(env, streaming):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_bls_batch_one_text_per_prompt(env, stream):
+@pytest.mark.parametrize("model", ["tensorrt_llm_bls", "ensemble"])
+def test_text_batch_one_text_per_prompt(env, model, stream):
+    """text_input [3, 1] (decoupled): each prompt its own result, tagged by batch_index, one final flag. The
+    ensemble's preprocessing pads the prompts into one [3, N] input_ids, tensorrt_llm serves each row,
+    postprocessing decodes each response."""
     lens = [10, 24, 6]
-    want = [expected(env, p, n)[1] for p, n in zip(PROMPTS[:3], lens)]
+    want = [expected(env, p, n) for p, n in zip(PROMPTS[:3], lens)]
     arrays = {"text_input": np.array([[p.encode()] for p in PROMPTS[:3]], dtype=object),
               "max_tokens": np.array([[n] for n in lens], np.int32),
               "stream": np.full((3, 1), stream, np.bool_),
               "exclude_input_in_output": np.full((3, 1), True, np.bool_)}
-    resps = raw_stream(env, "tensorrt_llm_bls", arrays)
+    resps = raw_stream(env, model, arrays)
     assert [f for _, f in resps].count(True) == 1 and resps[-1][1]
     got = _by_batch_index(resps, "text_output")
     assert sorted(got) == [0, 1, 2]
     text = {b: "".join(o["text_output"].reshape(-1)[0].decode() for o in rs) for b, rs in got.items()}
-    assert [text[b] for b in range(3)] == want
+    if stream and model == "ensemble":  # per-token pieces (triton_repo/README.md), one per generated token
+        assert [len(got[b]) for b in range(3)] == [len(ids) for ids, _ in want]
+    else:
+        assert [text[b] for b in range(3)] == [t for _, t in want]
     if not stream:
         assert all(len(rs) == 1 for rs in got.values())
 

@@ -38,12 +38,12 @@ if not (MODELS_DIR / "ensemble" / "config.pbtxt").is_file():
                 allow_module_level=True)
 
 
-def upstream_config(model: str):
+def upstream_config(model: str, models_dir: Path = MODELS_DIR):
     """Upstream's template, its ${...} filled as fill_template.py would (types: FP16 tables, FP32 logits)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    text = (MODELS_DIR / model / "config.pbtxt").read_text()
+    text = (models_dir / model / "config.pbtxt").read_text()
     text = text.replace("${logits_datatype}", "TYPE_FP32").replace("${decoupled_mode}", "true")
     text = re.sub(r"\$\{\w+_data_type\}", "TYPE_FP16", text)
     text = re.sub(r"\$\{\w+\}", "4", text)
@@ -95,6 +95,24 @@ def test_upstream_contract_has_no_differences(tmp_path, ckpt, flavour):
     broken.CopyFrom(cfgs["ensemble"])
     del broken.input[-1]
     assert contract_differences(broken, upstream_config("ensemble"))
+
+
+LLMAPI_DIR = UPSTREAM / "all_models" / "llmapi"
+
+
+def test_llmapi_flavour_has_upstream_llmapi_contract(tmp_path, ckpt):
+    """Issue 10 item 6: every input and output of upstream's LLM-API ``tensorrt_llm``
+    (``all_models/llmapi/tensorrt_llm/config.pbtxt``) is in the llmapi flavour's, same name, dtype and dims."""
+    from trtllm_loop.serving.render import render_repository, validate_repository
+
+    repo = render_repository("llmapi", ckpt, tmp_path / "repo", max_seq_len=64)
+    ours = validate_repository(repo)["tensorrt_llm"]
+    theirs = upstream_config("tensorrt_llm", LLMAPI_DIR)
+    assert {t.name for t in theirs.input} >= {"text_input", "sampling_param_max_tokens", "return_finish_reason"}
+    assert len(theirs.input) == 17 and len(theirs.output) == 16  # the parse really read upstream's contract
+    assert contract_differences(ours, theirs) == []
+    reference = validate_repository(render_repository("reference", ckpt, tmp_path / "ref", max_seq_len=64))
+    assert contract_differences(reference["tensorrt_llm"], theirs)  # the comparison can fail
 
 
 # ----------------------------------------------------------------------------- upstream's client
@@ -185,11 +203,24 @@ def test_upstream_client_log_probs_perf_and_logits(env, model):
     run_client(env, "--model-name", model, "--streaming", "--return-perf-metrics")
 
 
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_upstream_client_embedding_bias(env, model):
+    """--embedding-bias-words/weights: upstream's rule (preprocessing/1/model.py ``_get_embedding_bias``: every
+    token id of every word gets the word's weight added), applied to the logits before greedy."""
+    word, weight = "return", 6.0
+    bias: dict = {}
+    for t in env.tok.encode(word, add_special_tokens=False):
+        bias[t] = bias.get(t, 0.0) + weight
+    prompt = env.tok.encode(PROMPT, add_special_tokens=False)
+    ids = greedy(env.model, prompt, 12, end_ids=env.end_ids, stop_ids=env.stop_ids, bias=bias)
+    assert ids != want(env)[0] and set(ids) & set(bias)  # the bias changes the answer
+    run_client(env, "--model-name", model, "--exclude-input-in-output", "--embedding-bias-words", word,
+               "--embedding-bias-weights", str(weight), expected=env.tok.decode(ids, skip_special_tokens=True))
+
+
 def test_upstream_client_refusals_are_per_field(env):
     for flags, msg in ((["--guided-decoding-guide-type", "json", "--guided-decoding-guide", "{}"],
                         "guided decoding needs a grammar backend"),
-                       (["--embedding-bias-words", "hello", "--embedding-bias-weights", "1.5"],
-                        "embedding_bias is not supported by the reference runtime"),
                        (["--beam-width", "2"], "beam_width=2 is not supported")):
         cmd = [sys.executable, str(CLIENT), "-u", env.server.grpc_url, "--prompt", PROMPT, "--output-len", "4",
                "--model-name", "tensorrt_llm_bls", *flags]

@@ -192,14 +192,128 @@ def test_stop_request_ends_generation(env):
     assert reason == "cancelled" and n < 400 and n_resp < 400
 
 
-def test_a_batch_of_two_prompts_is_refused_not_flattened(env):
-    from trtllm_loop.serving.client import TritonRequestError
-
-    arrays = llm_arrays([5, 6, 7], 4, env.end_id)
-    arrays["input_ids"] = np.array([[5, 6, 7], [8, 9, 10]], np.int32)
-    arrays["input_lengths"] = np.array([[3], [3]], np.int32)
+def test_a_batch_of_two_prompts_gives_two_results_never_flattened(env):
+    """input_ids [2, N] (different lengths, padded): each prompt its own result, tagged by batch_index."""
+    prompts = [env.tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    want = [greedy(env.model, p, 6, end_ids=(env.end_id,), stop_ids=env.stop_ids) for p in prompts]
+    width = max(map(len, prompts))
+    arrays = llm_arrays(prompts[0], 6, env.end_id, streaming=False)
+    arrays["input_ids"] = np.array([p + [0] * (width - len(p)) for p in prompts], np.int32)
+    arrays["input_lengths"] = np.array([[len(p)] for p in prompts], np.int32)
     for k in ("request_output_len", "end_id", "streaming", "exclude_input_in_output"):
         arrays[k] = np.repeat(arrays[k], 2, axis=0)
-    with pytest.raises(TritonRequestError, match=r"batch of 2 prompts in one request") as e:
-        raw_stream(env, "tensorrt_llm", arrays)
+    resps = raw_stream(env, "tensorrt_llm", arrays)
+    got = {int(o["batch_index"].reshape(-1)[0]): o["output_ids"].reshape(-1)[:int(o["sequence_length"].reshape(-1)[0])]
+           .tolist() for o, _ in resps if "output_ids" in o}
+    assert got == {0: want[0], 1: want[1]} and [f for _, f in resps].count(True) == 1
+
+
+# ----------------------------------------------------------------------------- upstream's LLM-API contract
+def llmapi_arrays(prompts, max_tokens, streaming=False, **extra):
+    """A request of upstream's LLM-API contract (all_models/llmapi/tensorrt_llm/config.pbtxt), batch = prompts."""
+    n = len(prompts)
+    arrays = {"text_input": np.array([[p.encode()] for p in prompts], dtype=object),
+              "sampling_param_max_tokens": np.full((n, 1), max_tokens, np.int32),
+              "streaming": np.full((n, 1), streaming, np.bool_),
+              "sampling_param_exclude_input_from_output": np.full((n, 1), True, np.bool_),
+              "return_finish_reason": np.full((n, 1), True, np.bool_),
+              "return_stop_reason": np.full((n, 1), True, np.bool_)}
+    arrays.update(extra)
+    return arrays
+
+
+def texts(resps):
+    return [o["text_output"].reshape(-1)[0].decode() for o, _ in resps if "text_output" in o]
+
+
+def reason_of(env, ids, max_tokens=MAX_TOKENS):
+    """(finish_reason, stop_reason) the LLM API gives for the reference's ``ids``."""
+    if ids and ids[-1] in env.stop_ids:
+        return b"stop", str(ids[-1]).encode()
+    return (b"length", b"None") if len(ids) == max_tokens else (b"stop", b"None")  # max_tokens, or end_id
+
+
+def test_llmapi_contract_text_in_text_out(env):
+    ids, text = expected(env, PROMPTS[1])
+    resps = raw_stream(env, "tensorrt_llm", llmapi_arrays([PROMPTS[1]], MAX_TOKENS))
+    assert texts(resps) == [text] and resps[-1][1]
+    o = resps[-1][0]
+    assert (o["finish_reason"].reshape(-1)[0], o["stop_reason"].reshape(-1)[0]) == reason_of(env, ids)
+    # upstream's default: sampling_param_exclude_input_from_output false -> the prompt is echoed
+    echo = llmapi_arrays([PROMPTS[1]], MAX_TOKENS)
+    del echo["sampling_param_exclude_input_from_output"]
+    assert texts(raw_stream(env, "tensorrt_llm", echo)) == [PROMPTS[1] + text]
+
+
+def test_llmapi_contract_streaming_is_the_text_so_far(env):
+    ids, text = expected(env, PROMPTS[0])
+    resps = raw_stream(env, "tensorrt_llm", llmapi_arrays([PROMPTS[0]], MAX_TOKENS, streaming=True))
+    got = texts(resps)
+    assert len(got) > 3 and got[-1] == text and resps[-1][1]
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(got[:-1], got[1:-1]))  # cumulative, growing
+    assert got[-1].startswith(got[-2])  # the final response: the whole text, as upstream's
+    reasons = [o["finish_reason"].reshape(-1)[0] for o, _ in resps if "finish_reason" in o]
+    assert reasons[-1] == reason_of(env, ids)[0] and set(reasons[:-1]) == {b"None"}
+
+
+def test_llmapi_contract_stop_string_and_batch(env):
+    from trtllm_loop.serving.textproc import cut_at_stop
+
+    _, text = expected(env, PROMPTS[0])
+    i = next(i for i in range(4, len(text) - 3) if "\ufffd" not in text[i:i + 3])
+    word = text[i:i + 3]  # a stop string in the middle of the answer
+    want, hit = cut_at_stop(text, [word])
+    assert hit and len(want) < len(text)
+    _, text0 = expected(env, PROMPTS[1], 8)
+    arrays = llmapi_arrays([PROMPTS[1], PROMPTS[0]], MAX_TOKENS,
+                           sampling_param_stop=np.array([[b""], [word.encode()]], dtype=object))
+    arrays["sampling_param_max_tokens"] = np.array([[8], [MAX_TOKENS]], np.int32)
+    resps = raw_stream(env, "tensorrt_llm", arrays)
+    got = {int(o["batch_index"].reshape(-1)[0]): o for o, _ in resps if "text_output" in o}
+    assert got[0]["text_output"].reshape(-1)[0].decode() == text0
+    assert got[1]["text_output"].reshape(-1)[0].decode() == want  # the stop word ends the text, included
+    assert got[1]["finish_reason"].reshape(-1)[0] == b"stop" and got[1]["stop_reason"].reshape(-1)[0] == word.encode()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ({"sampling_param_temperature": np.array([[np.nan]], np.float32)}, "sampling_param_temperature must be >= 0"),
+    ({"sampling_param_best_of": np.array([[2]], np.int32)}, "sampling_param_best_of=2 is not supported"),
+    ({"sampling_param_max_tokens": np.array([[0]], np.int32)}, "sampling_param_max_tokens must be >= 1"),
+    ({"return_cumulative_logprob": np.array([[True]])}, "return_cumulative_logprob is not supported"),
+    ({"input_ids": np.array([[5]], np.int32)}, "text_input and input_ids are both set")])
+def test_llmapi_contract_refusals_name_upstream_fields(env, extra, msg):
+    from trtllm_loop.serving.client import TritonRequestError
+
+    with pytest.raises(TritonRequestError, match=msg) as e:
+        raw_stream(env, "tensorrt_llm", llmapi_arrays(["hi"], 4, **extra))
     assert "Traceback" not in str(e.value)
+
+
+def test_llmapi_stop_before_the_first_token_is_kept(env):
+    """Upstream polls cancellation every cancellation_check_period_ms; here a ``stop`` that arrives while the
+    request is still queued (the LLM busy with another one) ends it with no token."""
+    import tritonclient.grpc as grpcclient
+
+    prompt = env.tok.encode(PROMPTS[0], add_special_tokens=False)
+    q: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(env.grpc)
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    try:
+        for rid in ("busy-first", "queued-second"):  # the double runs one request at a time
+            inputs = []
+            for name, arr in llm_arrays(prompt, 300, -1).items():
+                t = grpcclient.InferInput(name, list(arr.shape), {np.int32: "INT32", np.bool_: "BOOL"}[arr.dtype.type])
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            c.async_stream_infer("tensorrt_llm", inputs, request_id=rid, enable_empty_final_response=True)
+        result, error = q.get(timeout=120)  # the first request is generating
+        assert error is None
+        stop = dict(llm_arrays([0], 1, -1, streaming=False), stop=np.array([[True]], np.bool_))
+        for rid in ("queued-second", "busy-first"):
+            assert raw_stream(env, "tensorrt_llm", stop, request_id=rid)[-1][1]
+    finally:
+        c.stop_stream()
+        c.close()
+    assert finished(env, "queued-second") == ("cancelled", 0)
+    reason, n = finished(env, "busy-first")
+    assert reason == "cancelled" and n < 300

@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed; stop rules."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed, embedding bias; stop
+rules."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None   # None = the model's eos ids
     stop_sequences: list[list[int]] = field(default_factory=list)  # token-id sequences that end generation
     ignore_eos: bool = False
+    # added to the logits before anything else (greedy included), TensorRT-LLM's ``embedding_bias``
+    # (``tensorrt_llm/sampling_params.py``: "embedding_bias (torch.Tensor): The embedding bias tensor"); shorter
+    # than the vocabulary: the ids past its end get no bias
+    embedding_bias: torch.Tensor | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -30,6 +35,9 @@ class SamplingParams:
         for s in self.stop_sequences:
             if not s:
                 raise ValueError("stop_sequences must not contain an empty sequence")
+        b = self.embedding_bias
+        if b is not None and (b.ndim != 1 or not bool(torch.isfinite(b).all())):
+            raise ValueError(f"embedding_bias must be a 1-D tensor of finite numbers, got shape {list(b.shape)}")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -38,10 +46,23 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def biased(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """fp32 logits ``[..., V]`` plus the request's ``embedding_bias`` (on the first ids of the last dimension)."""
+    logits = logits.float()
+    if p.embedding_bias is None:
+        return logits
+    b = p.embedding_bias
+    if b.numel() > logits.shape[-1]:
+        raise ValueError(f"embedding_bias has {b.numel()} values but the vocabulary has {logits.shape[-1]}")
+    logits = logits.clone()
+    logits[..., :b.numel()] += b.to(logits.dtype)
+    return logits
+
+
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution :func:`sample` draws from (temperature > 0): fp32 ``[V]`` after temperature, top-k and
-    top-p. Speculative verification compares these of the target and the draft."""
-    logits = logits.float() / p.temperature
+    """The distribution :func:`sample` draws from (temperature > 0): fp32 ``[V]`` after the embedding bias,
+    temperature, top-k and top-p. Speculative verification compares these of the target and the draft."""
+    logits = biased(logits, p) / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -56,7 +77,7 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
     """One token from fp32 logits ``[V]``."""
     if p.temperature == 0:
-        return int(torch.argmax(logits))
+        return int(torch.argmax(biased(logits, p)))
     return int(torch.multinomial(probs(logits, p), 1, generator=gen))
 
 

@@ -25,7 +25,7 @@ import torch
 
 from trtllm_loop.runtime.attention import StepMetadata, forward_step
 from trtllm_loop.runtime.kv_cache import PagedKVCache
-from trtllm_loop.runtime.sampling import SamplingParams, probs
+from trtllm_loop.runtime.sampling import SamplingParams, biased, probs
 
 
 @dataclass
@@ -50,7 +50,7 @@ def verify(logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen
     (emitted tokens, number of drafts accepted); 1 <= len(emitted) = accepted + 1 <= K + 1."""
     drafts = proposal.tokens
     if params.temperature == 0:
-        target = logits.argmax(-1).tolist()
+        target = biased(logits, params).argmax(-1).tolist()
         a = 0
         while a < len(drafts) and drafts[a] == target[a]:
             a += 1
@@ -162,7 +162,7 @@ class DraftProposer:
                     continue                                                 # still catching up
                 logits = self.model.lm_head(h[rows][-1]).float()
                 if it.params.temperature == 0:
-                    drafts[i].append(int(logits.argmax()))
+                    drafts[i].append(int(biased(logits, it.params).argmax()))
                 else:
                     q = probs(logits, it.params)
                     drafts[i].append(int(torch.multinomial(q, 1, generator=it.gen)))

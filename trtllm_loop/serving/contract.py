@@ -15,11 +15,11 @@ The same rules for every model:
   exactly one value per prompt (``get_input_scalar_by_name`` in
   ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/1/model.py``: "Expected a scalar tensor");
 * a request may carry a batch of prompts (``text_input`` / ``input_ids`` ``[batch, ...]``, every other input one
-  row per prompt): the ``reference`` ``tensorrt_llm`` and ``tensorrt_llm_bls`` serve it by :class:`BatchResponder`
-  (one result per prompt, tagged by ``batch_index``; decoupled models only), ``preprocessing`` returns one row
-  per prompt; the llmapi ``tensorrt_llm`` takes one prompt per request, like TensorRT-LLM's LLM-API model
-  (``triton_backend/all_models/llmapi/tensorrt_llm/1/model.py``, "JIRA-4496 ... batched prompts"); one bad row
-  fails its whole request;
+  row per prompt): ``tensorrt_llm`` (reference and llmapi) and ``tensorrt_llm_bls`` serve it by
+  :class:`BatchResponder` (decoupled: one result per prompt, tagged by ``batch_index``; not decoupled: one response
+  of the prompts' stacked rows), ``preprocessing`` returns one row per prompt; one bad row fails its whole request;
+* the llmapi ``tensorrt_llm`` also takes upstream's LLM-API contract (:func:`parse_llmapi_requests`: ``text_input``,
+  ``sampling_param_*``), parsed by the client contract's rules under upstream's names;
 * ``input_lengths`` must be 1..len(input_ids): a shorter value trims the row's padding (upstream's
   ``convert_request`` slices ``input_token_ids[0:input_length]``), a longer one is refused rather than silently
   sliced to the ids there are -- it means the two tensors disagree;
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -375,6 +376,7 @@ class LLMRequest:
     stop_words: list[list[int]] = field(default_factory=list)
     bad_words: list[list[int]] = field(default_factory=list)
     embedding_bias: bool = False        # a non-empty embedding_bias was sent
+    bias: Any = field(default=None, compare=False)  # its values ([V'] float32, V' <= vocab_size), when sent
     returns: tuple[str, ...] = ()       # the RETURN_FLAGS set true
     streaming: bool = False
     exclude_input: bool = False
@@ -431,7 +433,7 @@ def parse_llm_requests(inp: Inputs, *, default_exclude: bool = False, vocab_size
     out_lens = scalars(inp, "request_output_len", int, batch)
     end_ids, pad_ids = scalars(inp, "end_id", int, batch), scalars(inp, "pad_id", int, batch)
     stops, bads = rows(inp, "stop_words_list", int, batch, 2), rows(inp, "bad_words_list", int, batch, 2)
-    bias = tensor(inp, "embedding_bias", float)
+    biases = rows(inp, "embedding_bias", float, batch)
     flags = {r: scalars(inp, r, bool, batch) for r in (*RETURN_FLAGS, *COUNT_FLAGS, "streaming",
                                                        "exclude_input_in_output")}
     sampling = Sampling.parse(inp, batch)
@@ -459,11 +461,18 @@ def parse_llm_requests(inp: Inputs, *, default_exclude: bool = False, vocab_size
         if max_seq_len:  # TRT-LLM clamps the new tokens to the sequence length likewise (and warns: the models log it)
             out_len = min(out_len, max_seq_len - n)
         excl = flags["exclude_input_in_output"][b]
+        bias = None if biases[b] is None or np.asarray(biases[b]).size == 0 else \
+            np.asarray(biases[b], dtype=np.float32).reshape(-1)
+        if bias is not None and not np.isfinite(bias).all():
+            raise RequestError(f"embedding_bias must be finite numbers, got {_show(float(bias[~np.isfinite(bias)][0]))}")
+        if bias is not None and vocab_size and bias.size > vocab_size:
+            raise RequestError(f"embedding_bias has {bias.size} values but the vocabulary has {vocab_size}: send at "
+                               "most one value per token id")
         out.append(LLMRequest(
             input_ids=row, output_len=out_len, end_id=end_ids[b], pad_id=pad_ids[b], sampling=sampling[b],
             stop_words=from_word_list(stops[b], "stop_words_list"),
             bad_words=from_word_list(bads[b], "bad_words_list"),
-            embedding_bias=bias is not None and bias.size > 0,
+            embedding_bias=bias is not None, bias=bias,
             returns=tuple(r for r in RETURN_FLAGS if flags[r][b]),
             streaming=bool(flags["streaming"][b]),
             exclude_input=default_exclude if excl is None else excl, asked_len=asked,
@@ -482,28 +491,54 @@ def parse_llm_request(inp: Inputs, *, who: str = "tensorrt_llm", **kw) -> LLMReq
 
 # ----------------------------------------------------------------------------- batches (one rule)
 class BatchResponder:
-    """The one batch rule of every model that serves several prompts in one request (``tensorrt_llm`` reference,
-    ``tensorrt_llm_bls``), upstream's: each prompt is served as its own request and answers with its own
-    responses, each tagged with the prompt's row in ``batch_index`` (``[1, 1]``); a prompt's last response (or
-    its error) ends only that prompt, and the request's final flag rides on the response that ends the last
+    """The one batch rule of every model that serves several prompts in one request (``tensorrt_llm`` reference and
+    llmapi, ``tensorrt_llm_bls``), upstream's. Decoupled: each prompt is served as its own request and answers with
+    its own responses, each tagged with the prompt's row in ``batch_index`` (``[1, 1]``); a prompt's last response
+    (or its error) ends only that prompt, and the request's final flag rides on the response that ends the last
     prompt (``model_instance_state.cc``: ``pendingBatchedRequestIds``, ``signalFinal``; the BLS reads
-    ``batch_index`` like ``tensorrt_llm_bls/1/lib/decode.py`` ``postprocess``). Nothing is merged or dropped: a
-    batch of B prompts gives B results. A non-decoupled model can send one response only, so it refuses
-    ``batch > 1`` (:func:`check_batch`). Thread-safe (the BLS finishes prompts on several threads)."""
+    ``batch_index`` like ``tensorrt_llm_bls/1/lib/decode.py`` ``postprocess``). Not decoupled (``merge``): a
+    request has one response, so each prompt's last outputs are kept and, once every prompt has ended, sent as one
+    response whose outputs are the prompts' rows stacked along the batch axis (padded: :func:`stack_rows`); an
+    error of any prompt is the request's one response. Nothing is merged across prompts or dropped: a batch of B
+    prompts gives B results. Outputs are given as ``parts`` (``[(name, array), ...]``) and turned into a response
+    by ``build``; a ready response (an error) is passed as ``response``. Thread-safe (the BLS finishes prompts on
+    several threads)."""
 
-    def __init__(self, sender, batch: int, final_flag: int):
+    def __init__(self, sender, batch: int, final_flag: int, build: Callable | None = None, merge: bool = False):
         import threading
 
         self.sender, self.left, self.final_flag = sender, batch, final_flag
+        self.build, self.merge, self.done = build, merge and batch > 1, False
+        self.rows: dict[int, list] = {}
         self.lock = threading.Lock()
 
-    def send(self, response=None, last: bool = False) -> None:
-        """Send ``response`` for one prompt; ``last``: it ends that prompt (the final flag when it is the last)."""
+    def send(self, response=None, last: bool = False, parts=None, index: int = 0) -> None:
+        """Send one prompt's (row ``index``) ``parts`` or ready ``response``; ``last``: it ends that prompt (the final
+        flag when it is the last)."""
         with self.lock:
+            if self.done:
+                return
+            if self.merge:
+                if parts is None and response is not None:  # an error: the request's one response
+                    self.done = True
+                    self.sender.send(response, flags=self.final_flag)
+                    return
+                if not last:
+                    return  # a non-decoupled model has no partial responses
+                self.rows[index] = list(parts or [])
+                self.left -= 1
+                if self.left == 0:
+                    self.done = True
+                    self.sender.send(self.build(stack_rows([self.rows[b] for b in sorted(self.rows)])),
+                                     flags=self.final_flag)
+                return
             flags = 0
             if last:
                 self.left -= 1
                 flags = self.final_flag if self.left == 0 else 0
+                self.done = self.left == 0
+            if parts is not None:
+                response = self.build(parts)
             if response is None and not flags:
                 return  # an empty non-final response says nothing
             if response is None:
@@ -512,11 +547,32 @@ class BatchResponder:
                 self.sender.send(response, flags=flags)
 
 
-def check_batch(batch: int, decoupled: bool, who: str) -> None:
-    if batch > 1 and not decoupled:
-        raise RequestError(f"batch of {batch} prompts in one request needs the decoupled {who} (one response per "
-                           "prompt): render the repository with `trtllm-loop triton-repo --decoupled true`, or "
-                           "send one prompt per request")
+def stack_rows(rows: list[list]) -> list:
+    """Several prompts' outputs (each ``[(name, array with batch axis 1), ...]``) as one batch: arrays of the same
+    name padded on every other axis to the largest (0, or ``b""`` for strings) and stacked along axis 0;
+    ``batch_index`` becomes each row's index. The prompts' ``sequence_length`` says how much of a padded row is
+    theirs."""
+    names = [n for n, _ in rows[0]]
+    out = []
+    for name in names:
+        arrs = []
+        for b, row in enumerate(rows):
+            a = dict(row).get(name)
+            if a is None:
+                raise RequestError(f"prompt {b} of the batch has no {name} output: the prompts asked for different "
+                                   "outputs; send them as separate requests")
+            arrs.append(np.asarray(a) if name != "batch_index" else np.array([[b]], dtype=np.int32))
+        ndim = max(a.ndim for a in arrs)
+        arrs = [a.reshape(a.shape + (1,) * (ndim - a.ndim)) if a.ndim < ndim else a for a in arrs]
+        shape = [max(a.shape[k] for a in arrs) for k in range(1, ndim)]
+        padded = []
+        for a in arrs:
+            fill = b"" if a.dtype == object else 0
+            p = np.full((a.shape[0], *shape), fill, dtype=a.dtype)
+            p[(slice(None), *(slice(0, n) for n in a.shape[1:]))] = a
+            padded.append(p)
+        out.append((name, np.concatenate(padded, axis=0)))
+    return out
 
 
 # ----------------------------------------------------------------------------- client (text) requests
@@ -685,3 +741,63 @@ def parse_text_requests(inp: Inputs, *, max_output_len: int = 0, default_exclude
 def parse_text_request(inp: Inputs, **kw) -> TextRequest:
     """The one prompt of a ``tensorrt_llm_bls`` request."""
     return parse_text_requests(inp, single=True, **kw)[0]
+
+
+# ----------------------------------------------------------------------------- upstream's LLM-API requests
+# The request contract of upstream's LLM-API `tensorrt_llm` (triton_backend/all_models/llmapi/tensorrt_llm/
+# config.pbtxt, 1/helpers.py: get_sampling_params_from_request, get_output_config_from_request), which the llmapi
+# flavour's `tensorrt_llm` accepts beside the tensor contract: the client-contract field -> its tensor there.
+LLMAPI_NAMES = {"max_tokens": "sampling_param_max_tokens", "stop_words": "sampling_param_stop",
+                "stream": "streaming", "exclude_input_in_output": "sampling_param_exclude_input_from_output",
+                "return_perf_metrics": "sampling_param_return_perf_metrics",
+                **{k: f"sampling_param_{k}" for k in ("temperature", "top_k", "top_p", "seed", "frequency_penalty",
+                                                      "presence_penalty")}}
+# upstream's output switches (return_finish_reason -> finish_reason, ...)
+LLMAPI_OUTPUTS = {"return_finish_reason": "finish_reason", "return_stop_reason": "stop_reason",
+                  "return_cumulative_logprob": "cumulative_logprob"}
+_LLMAPI_WORD = re.compile(r"\b(" + "|".join(LLMAPI_NAMES) + r")\b")
+
+
+@dataclass(frozen=True)
+class LLMApiRequest:
+    """One prompt of upstream's LLM-API contract: the client request it is (``text``: prompt, max_tokens, stop
+    strings, sampling, stream, exclude_input) and the extra outputs it asked for (:data:`LLMAPI_OUTPUTS` keys)."""
+    text: TextRequest
+    outputs: tuple[str, ...] = ()
+
+
+def is_llmapi_request(inp: Inputs) -> bool:
+    """A request of upstream's LLM-API contract (``text_input``) rather than the tensor contract (``input_ids``);
+    both at once is refused."""
+    text, ids = inp.get("text_input") is not None, inp.get("input_ids") is not None
+    if text and ids:
+        raise RequestError("text_input and input_ids are both set: send text_input (the LLM-API contract, "
+                           "sampling_param_*) or input_ids (the tensor contract), not both")
+    return text
+
+
+def parse_llmapi_requests(inp: Inputs, **kw) -> list[LLMApiRequest]:
+    """One :class:`LLMApiRequest` per prompt (``text_input`` ``[batch, 1]``), by the client contract's rules
+    (:func:`parse_text_requests`) under upstream's names (:data:`LLMAPI_NAMES`); errors name upstream's tensors.
+    ``sampling_param_best_of`` > 1 (several sequences) and the tensor contract's LoRA / prompt-table / guided inputs
+    are refused, never ignored."""
+    view = Inputs(inp.get, LLMAPI_NAMES)
+    try:
+        best = scalars(view, "sampling_param_best_of", int, max(1, _batch(inp)))
+        bad = next((v for v in best if v is not None and v != 1), None)
+        if bad is not None:
+            raise RequestError(f"sampling_param_best_of={bad} is not supported: this model returns one sequence "
+                               "per prompt; send 1 or leave it unset")
+        for name, why in NOT_IN_PYTHON.items():
+            if _is_set(inp.get(name)):
+                raise RequestError(f"{name} is set: {why}")
+        reqs = parse_text_requests(view, **kw)
+        flags = {k: scalars(view, k, bool, len(reqs)) for k in LLMAPI_OUTPUTS}
+    except RequestError as e:
+        raise RequestError(_LLMAPI_WORD.sub(lambda m: LLMAPI_NAMES[m.group(1)], str(e))) from None
+    return [LLMApiRequest(r, tuple(k for k in LLMAPI_OUTPUTS if flags[k][b])) for b, r in enumerate(reqs)]
+
+
+def _batch(inp: Inputs) -> int:
+    q = inp.get("text_input")
+    return 1 if q is None or q.ndim == 0 else q.shape[0]

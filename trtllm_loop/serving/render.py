@@ -43,7 +43,8 @@ def templates_dir() -> Path:
 
 
 # template variables holding pbtxt / yaml blocks (pasted as they are); every other value is pbtxt-escaped
-RAW_VALUES = frozenset({"client_io", "bls_client_io", "client_io_extra", "tensorrt_llm_io", "llmapi_model_yaml"})
+RAW_VALUES = frozenset({"client_io", "bls_client_io", "client_io_extra", "tensorrt_llm_io", "llmapi_model_yaml",
+                        "token_inputs_optional", "kv_block_dims"})
 # upstream's BLS takes a few inputs its ensemble does not (tensorrt_llm_bls/config.pbtxt): declared, refused when set
 BLS_EXTRA_IO = """,
   { name: "image_input" data_type: TYPE_FP16 dims: [ -1, 3, -1, -1 ] optional: true },
@@ -204,6 +205,9 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
         # a generous byte bound checked before tokenizing: 64 bytes per accepted prompt token, at least 64 KiB
         "max_prompt_bytes": max_prompt_bytes or max(65536, 64 * (max_input_len or max_seq_len - 1)),
         "bls_response_timeout_s": f"{float(bls_response_timeout_s):g}",
+        # the llmapi tensorrt_llm also takes upstream's LLM-API contract (text_input): the token inputs are optional
+        "token_inputs_optional": "optional: true" if flavour == "llmapi" else "",
+        "kv_block_dims": "-1" if flavour == "llmapi" else "1",
     }
     tpl = templates_dir()
     client_io = (tpl / "common" / "client_io.pbtxt").read_text()

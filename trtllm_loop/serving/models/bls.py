@@ -13,7 +13,17 @@ triton_decoder.py``).
 Bounded time, whatever happens below: every response of `tensorrt_llm` is awaited at most
 ``response_timeout_s`` (the BLS call runs on a pump thread; the worker waits on a queue), so each request ends
 with its final response or an error, and a `tensorrt_llm` that never answers holds no worker.
+
+The stub must not crash under many concurrent decoupled BLS calls: a finished response iterator is kept referenced
+here for ``RETIRE_S`` (``_retire``). In the Python backend of Triton 24.10 (the nvidia-pytriton bundle) the
+stub's cleanup thread erases the iterator from its ``response_iterator_map_`` after the last response
+(``ResponseIterator::Clear`` -> ``Stub::SendCleanupId``, src/pb_stub.cc) without holding the GIL; when that erase
+drops the last reference, the iterator's responses and their numpy arrays are freed there, off the GIL -- a
+refcount race that kills the stub now and then (its process becomes a zombie; Triton 24.10 still reports the
+model ready and every later BLS request hangs). Fixed upstream in python_backend r24.12 ("Hold GIL when deleting
+numpy array", #390); holding the reference keeps the last release on a Python thread, with the GIL.
 """
+import collections
 import json
 import queue
 import threading
@@ -34,16 +44,23 @@ except ImportError:  # pragma: no cover - running from the source tree
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _END = object()
 CANCEL_CHECK_S = 0.05
+# how long a finished BLS response iterator is kept referenced here (see TritonPythonModel._retire)
+RETIRE_S = 30.0
 
 
-def _text(s: str, counts: dict | None = None, extra: list | None = None, batch_index: int | None = None):
-    # shape [1] like upstream's BLS: its clients read text_output[0] as bytes; a prompt of a batch is tagged
-    # with its row (batch_index, as upstream's tensorrt_llm_bls/1/model.py get_batch_index reads it)
-    out = [pb_utils.Tensor("text_output", np.array([s.encode("utf-8")], dtype=object))]
+def _text(s: str, counts: dict | None = None, extra: list | None = None, batch_index: int | None = None) -> list:
+    """The outputs of one response (rq.BatchResponder builds or stacks them): ``text_output`` of shape [1] like
+    upstream's BLS (its clients read text_output[0] as bytes); a prompt of a batch is tagged with its row
+    (batch_index, as upstream's tensorrt_llm_bls/1/model.py get_batch_index reads it)."""
+    out = [("text_output", np.array([s.encode("utf-8")], dtype=object))]
     if batch_index is not None:
-        out.append(pb_utils.Tensor("batch_index", np.array([[batch_index]], dtype=np.int32)))
-    out += [pb_utils.Tensor(k, np.array([[v]], dtype=np.int32)) for k, v in (counts or {}).items()]
-    return pb_utils.InferenceResponse(output_tensors=out + (extra or []))
+        out.append(("batch_index", np.array([[batch_index]], dtype=np.int32)))
+    out += [(k, np.array([[v]], dtype=np.int32)) for k, v in (counts or {}).items()]
+    return out + (extra or [])
+
+
+def _build(parts):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in parts])
 
 
 def _log_error(msg: str):
@@ -64,8 +81,8 @@ class _PromptSender:
     def __init__(self, sender, group, index):
         self.sender, self.group, self.index = sender, group, index
 
-    def send(self, response=None, flags=0):
-        self.group.send(response, last=bool(flags & FINAL))
+    def send(self, response=None, flags=0, parts=None):
+        self.group.send(response, last=bool(flags & FINAL), parts=parts, index=self.index or 0)
 
     def is_cancelled(self):
         return self.sender.is_cancelled()
@@ -108,17 +125,17 @@ class _Extras:
 
     def tensors(self, final: bool) -> list:
         """Outputs for a response: perf metrics always, the rest on the final response only."""
-        out = [pb_utils.Tensor(n, self.latest[n]) for n in PERF if n in self.latest]
+        out = [(n, self.latest[n]) for n in PERF if n in self.latest]
         if not final:
             return out
         for n in ("cum_log_probs", "context_logits"):
             if n in self.latest:
-                out.append(pb_utils.Tensor(n, self.latest[n]))
+                out.append((n, self.latest[n]))
         if "output_log_probs" in self.names:
             lp = np.concatenate(self.lp) if self.lp else np.zeros(0, np.float32)
-            out.append(pb_utils.Tensor("output_log_probs", lp.astype(np.float32).reshape(1, 1, -1)))
+            out.append(("output_log_probs", lp.astype(np.float32).reshape(1, 1, -1)))
         if "generation_logits" in self.names and self.gen:
-            out.append(pb_utils.Tensor("generation_logits", np.concatenate(self.gen)[None, None].astype(np.float32)))
+            out.append(("generation_logits", np.concatenate(self.gen)[None, None].astype(np.float32)))
         return out
 
 
@@ -135,6 +152,8 @@ class TritonPythonModel:
         self.timeout = float(params.get("response_timeout_s") or 300)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency") or 64),
                                        thread_name_prefix="bls")
+        self.retired: collections.deque = collections.deque()
+        self.retired_lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:  # each request answers for itself: a bad one never touches the others
@@ -148,14 +167,14 @@ class TritonPythonModel:
                 reqs = rq.parse_text_requests(inp, max_output_len=self.pre.max_output_len,
                                               default_exclude=self.default_exclude,
                                               max_prompt_bytes=self.pre.max_prompt_bytes)
-                rq.check_batch(len(reqs), self.decoupled, "tensorrt_llm_bls")
                 if any(r.stream for r in reqs) and not self.decoupled:
                     raise rq.RequestError("stream=true needs the decoupled tensorrt_llm_bls: render the repository "
                                           "with `trtllm-loop triton-repo --decoupled true`, or send stream=false")
             except Exception as e:
                 self._final_error(sender, e)
                 continue
-            group = rq.BatchResponder(sender, len(reqs), FINAL)
+            # decoupled: one result per prompt (batch_index); else the prompts' rows in one response
+            group = rq.BatchResponder(sender, len(reqs), FINAL, _build, merge=not self.decoupled)
             for b, req in enumerate(reqs):
                 rid = f"bls-{request.request_id() or ''}-{uuid.uuid4().hex[:12]}"
                 self.pool.submit(self._run_safe, req, rid, _PromptSender(sender, group, b if len(reqs) > 1 else None))
@@ -206,8 +225,12 @@ class TritonPythonModel:
         def run():
             try:
                 if self.decoupled:
-                    for resp in request.exec(decoupled=True):
-                        q.put(resp)
+                    responses = request.exec(decoupled=True)
+                    try:
+                        for resp in responses:
+                            q.put(resp)
+                    finally:
+                        self._retire(responses)
                 else:
                     q.put(request.exec())
             except Exception as e:
@@ -216,6 +239,17 @@ class TritonPythonModel:
 
         threading.Thread(target=run, name="bls-pump", daemon=True).start()
         return q
+
+    def _retire(self, responses):
+        """Keep a finished decoupled response iterator referenced for RETIRE_S, then drop it here (a Python thread,
+        with the GIL): never let the stub's cleanup thread release it last (module docstring)."""
+        now = time.monotonic()
+        with self.retired_lock:
+            self.retired.append((now, responses))
+            old = []
+            while self.retired and now - self.retired[0][0] > RETIRE_S:
+                old.append(self.retired.popleft()[1])
+        del old  # released outside the lock, on this thread
 
     def _next(self, q):
         try:
@@ -271,7 +305,7 @@ class TritonPythonModel:
             if not s:
                 return
             if job["stream"]:
-                sender.send(_text(s, extra=extras.tensors(final=False), batch_index=sender.index))
+                sender.send(parts=_text(s, extra=extras.tensors(final=False), batch_index=sender.index))
             else:
                 pieces.append(s)
 
@@ -321,8 +355,8 @@ class TritonPythonModel:
         if job["stream"] and not counts and not job["returns"]:
             sender.send(flags=FINAL)
         else:  # streaming: the counts and returned outputs ride on the final response, with no more text
-            sender.send(_text("" if job["stream"] else "".join(pieces), counts, extras.tensors(final=True),
-                              batch_index=sender.index), flags=FINAL)
+            sender.send(parts=_text("" if job["stream"] else "".join(pieces), counts, extras.tensors(final=True),
+                                    batch_index=sender.index), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

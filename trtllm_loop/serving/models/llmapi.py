@@ -19,7 +19,17 @@ be exercised on a CPU-only machine except with the API double standing in for Te
 * cancellation is polled every ``triton_config.cancellation_check_period_ms`` (default 100, upstream's key), not
   only when a token arrives; a ``stop`` that arrives before generation started is kept;
 * requests are parsed by ``loop_contract`` (the rules of every model); inputs this model cannot honour (beams,
-  several sequences, log probs / logits, bad words, embedding bias) are refused by name, never ignored.
+  several sequences, log probs / logits, bad words, embedding bias) are refused by name, never ignored;
+* upstream's LLM-API request contract is accepted too (``triton_backend/all_models/llmapi/tensorrt_llm/
+  config.pbtxt``, ``1/helpers.py``): ``text_input`` + ``sampling_param_*`` + ``streaming`` in, ``text_output`` (+
+  ``finish_reason`` / ``stop_reason`` when asked) out. The text is tokenized and detokenized here (the same code
+  as ``tensorrt_llm_bls``: ``loop_text``), so LLM gets token ids either way; stop strings follow the one stop-word
+  rule (the returned text ends with the stop word, ``loop_text.STOP_WORD_INCLUDED``); streamed ``text_output`` is
+  the text so far, as upstream's (``CompletionOutput.text``); the prompt is echoed in a non-streamed answer
+  unless ``sampling_param_exclude_input_from_output`` (upstream's default: false);
+* a batch (``input_ids`` / ``text_input`` ``[batch, ...]``) is served prompt by prompt by ``rq.BatchResponder``'s
+  rule (decoupled: one result per prompt, tagged by ``batch_index``; else one response of the stacked rows), never
+  flattened into one prompt (upstream's model takes one prompt: "JIRA-4496").
 """
 import asyncio
 import importlib
@@ -45,10 +55,24 @@ MPI_ENV_PREFIXES = ("OMPI_", "PMIX_")
 CANCEL_CHECK_MS = 100  # upstream llmapi model.py: cancellation_check_period_ms default
 
 
-def _ids_response(ids):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32).reshape(1, 1, len(ids))),
-        pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32))])
+def _ids_parts(ids, index=None):
+    out = [("output_ids", np.array(ids, dtype=np.int32).reshape(1, 1, len(ids))),
+           ("sequence_length", np.array([[len(ids)]], dtype=np.int32))]
+    return out + ([("batch_index", np.array([[index]], dtype=np.int32))] if index is not None else [])
+
+
+def _text_parts(text, spec, reason=None, stop_reason=None, index=None):
+    """upstream's LLM-API outputs (``_create_response``): text_output, and the asked-for finish_reason /
+    stop_reason as strings (``str(None)`` while running, as upstream sends them)."""
+    out = [("text_output", np.array([text.encode("utf-8")], dtype=object))]
+    for flag, value in (("return_finish_reason", reason), ("return_stop_reason", stop_reason)):
+        if flag in spec["outputs"]:
+            out.append((rq.LLMAPI_OUTPUTS[flag], np.array([str(value).encode("utf-8")], dtype=object)))
+    return out + ([("batch_index", np.array([[index]], dtype=np.int32))] if index is not None else [])
+
+
+def _build(parts):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in parts])
 
 
 def _error(msg):
@@ -90,17 +114,52 @@ def prepare_mpi_env(environ, world: int) -> str:
 
 
 class _Job:
-    """One request's state, registered under its Triton request id before generation starts, so that a
-    ``stop`` arriving at any time is honoured."""
+    """One Triton request's state (all its prompts), registered under its request id before generation starts,
+    so that a ``stop`` (or a client cancel) arriving at any time is honoured."""
 
-    def __init__(self):
-        self.result = None
+    def __init__(self, prompts: int = 1):
+        self.results: list = []
         self.stopped = False
+        self.left = prompts
 
     def stop(self):
         self.stopped = True
-        if self.result is not None:
-            self.result.abort()
+        for r in self.results:
+            r.abort()
+
+
+class _Text:
+    """The text side of one LLM-API prompt: incremental detokenization and the stop-word rule over the
+    cumulative token ids the LLM streams (``loop_text``, as in tensorrt_llm_bls)."""
+
+    def __init__(self, model, spec):
+        self.tok, self.job = model.pre.tok, spec["text"]
+        self.detok = lt.IncrementalDetokenizer(self.tok, skip_special_tokens=model.skip_special)
+        self.matcher = lt.StopStringMatcher(self.job["stop_words"])
+        self.echo = "" if spec["streaming"] or spec["exclude"] else self.job["prompt"]
+        self.text, self.seen, self.sent_len, self.matcher_word = "", 0, 0, None
+
+    def feed(self, tokens) -> bool:
+        """Take the ids so far; True when a stop word has ended the text."""
+        new, self.seen = tokens[self.seen:], max(self.seen, len(tokens))
+        self.text += self.matcher.feed(self.detok.push(new))
+        if self.matcher.stopped:
+            self.matcher_word = next((w for w in self.job["stop_words"] if w and self.text.endswith(w)), None)
+        return self.matcher.stopped
+
+    def changed(self) -> bool:
+        grew = len(self.text) > self.sent_len
+        self.sent_len = len(self.text)
+        return grew
+
+    def tok_text(self, seq) -> str:
+        return next((w for w in self.job["stop_words"] if lt.encode(self.tok, w) == list(seq)), None) or \
+            self.tok.decode(list(seq))
+
+    def whole(self, final: bool) -> str:
+        if final and not self.matcher.stopped:
+            self.text += self.matcher.feed(self.detok.flush()) + self.matcher.flush()
+        return self.echo + self.text
 
 
 class TritonPythonModel:
@@ -140,6 +199,11 @@ class TritonPythonModel:
         if isinstance(kwargs.get("kv_cache_config"), dict):
             kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
         self.SamplingParams = trt.SamplingParams
+        self.decoupled = bool(((json.loads(args["model_config"]).get("model_transaction_policy") or {})
+                               .get("decoupled", triton_cfg.get("decoupled", True))))
+        # upstream's LLM-API contract (text in, text out) needs the tokenizer; without one it is refused by name
+        self.pre = lt.preprocessor_from_params(params) if params.get("tokenizer_dir") else None
+        self.skip_special = (params.get("skip_special_tokens") or "true").lower() == "true"
         self.llm = trt.LLM(**kwargs)
         self.default_exclude = (params.get("exclude_input_in_output") or "false").lower() == "true"
         self.loop = asyncio.new_event_loop()
@@ -180,61 +244,119 @@ class TritonPythonModel:
                     job = self.by_id.get(request.request_id())
                     if job is not None:
                         job.stop()
-                    sender.send(flags=FINAL)
+                    sender.send(None if self.decoupled else _build(_ids_parts([])), flags=FINAL)
                     continue
-                spec = self._job(rq.parse_llm_request(inp, default_exclude=self.default_exclude))
+                if rq.is_llmapi_request(inp):
+                    specs = [self._text_job(r) for r in self._llmapi_requests(inp)]
+                else:
+                    specs = [self._job(r) for r in rq.parse_llm_requests(inp, default_exclude=self.default_exclude)]
+                if any(sp["streaming"] for sp in specs) and not self.decoupled:
+                    raise rq.RequestError("streaming=true needs the decoupled tensorrt_llm model: render the "
+                                          "repository with `trtllm-loop triton-repo --decoupled true`")
             except Exception as e:
                 sender.send(_error(rq.error_text(e, "tensorrt_llm (llmapi)")), flags=FINAL)
                 continue
-            job, tid = _Job(), request.request_id()
+            job, tid = _Job(len(specs)), request.request_id()
             if tid:
                 self.by_id[tid] = job
-            asyncio.run_coroutine_threadsafe(self._generate(spec, job, sender, tid), self.loop)
+            group = rq.BatchResponder(sender, len(specs), FINAL, _build, merge=not self.decoupled)
+            asyncio.run_coroutine_threadsafe(self._watch(sender, job), self.loop)
+            for b, spec in enumerate(specs):
+                spec["index"] = b if len(specs) > 1 else None
+                asyncio.run_coroutine_threadsafe(self._generate(spec, job, group, tid), self.loop)
         return None
+
+    def _llmapi_requests(self, inp):
+        if self.pre is None:
+            raise rq.RequestError("text_input needs the tokenizer, and this repository was rendered without "
+                                  "tokenizer_dir: re-render it with `trtllm-loop triton-repo`, or send input_ids")
+        return rq.parse_llmapi_requests(inp, max_output_len=self.pre.max_output_len,
+                                        default_exclude=self.default_exclude,
+                                        max_prompt_bytes=self.pre.max_prompt_bytes)
+
+    def _sampling(self, sampling, max_tokens, end_id, pad_id, stop_words):
+        single = [s[0] for s in stop_words if len(s) == 1]
+        options = {k: v for k, v in sampling.given().items() if k not in ("beam_width", "num_return_sequences")}
+        kw = dict(options, max_tokens=max_tokens, end_id=end_id, pad_id=pad_id,
+                  stop_token_ids=single or None, detokenize=False)
+        return self.SamplingParams(**{k: v for k, v in kw.items() if v is not None})
 
     def _job(self, req):
         req.reject(UNSUPPORTED, "the llmapi tensorrt_llm model")
-        single = [s[0] for s in req.stop_words if len(s) == 1]
-        options = {k: v for k, v in req.sampling.given().items() if k not in ("beam_width", "num_return_sequences")}
-        kw = dict(options, max_tokens=req.output_len, end_id=req.end_id, pad_id=req.pad_id,
-                  stop_token_ids=single or None, detokenize=False)
-        sp = self.SamplingParams(**{k: v for k, v in kw.items() if v is not None})
-        return {"ids": req.input_ids, "sp": sp, "end_id": req.end_id, "max_tokens": req.output_len,
+        return {"ids": req.input_ids, "sp": self._sampling(req.sampling, req.output_len, req.end_id, req.pad_id,
+                                                           req.stop_words),
+                "end_id": req.end_id, "max_tokens": req.output_len,
                 "multi_stops": [s for s in req.stop_words if len(s) > 1],
-                "streaming": req.streaming, "exclude": req.exclude_input}
+                "streaming": req.streaming, "exclude": req.exclude_input, "text": None}
+
+    def _text_job(self, r):
+        """An upstream LLM-API request: tokenized by the same Preprocessor as tensorrt_llm_bls."""
+        req = r.text
+        for flag, why in (("return_cumulative_logprob", "log probs"),):
+            if flag in r.outputs:
+                raise rq.RequestError(f"{flag} is not supported by the llmapi tensorrt_llm model ({why} are not "
+                                      "returned): leave it unset")
+        if req.returns:
+            raise rq.RequestError(f"sampling_param_{req.returns[0]} is not supported by the llmapi tensorrt_llm "
+                                  "model: leave it unset")
+        job = self.pre.prepare(req)
+        seqs = rq.from_word_list(job["stop_words_list"])
+        return {"ids": job["input_ids"], "end_id": job["end_id"], "max_tokens": job["max_tokens"],
+                "sp": self._sampling(req.sampling, job["max_tokens"], job["end_id"], job["pad_id"], seqs),
+                "multi_stops": [s for s in seqs if len(s) > 1], "streaming": req.stream,
+                "exclude": req.exclude_input, "text": job, "outputs": r.outputs}
 
     async def _watch(self, sender, job):
-        """Upstream's cancellation loop: poll ``is_cancelled()`` every ``cancellation_check_period_ms``."""
-        while not job.stopped:
+        """Upstream's cancellation loop: poll ``is_cancelled()`` every ``cancellation_check_period_ms``, from the
+        moment the request arrives (a cancel before the first token is kept)."""
+        while job.left > 0 and not job.stopped:
             await asyncio.sleep(self.cancel_period_s)
-            if sender.is_cancelled():
+            if job.left > 0 and sender.is_cancelled():
                 job.stop()
 
-    async def _generate(self, spec, job, sender, triton_id):
+    async def _generate(self, spec, job, group, triton_id):
         tokens: list[int] = []
-        reason, watch = "length", None
+        reason, stop_reason = "length", None
+        index = spec["index"]
+        text = _Text(self, spec) if spec["text"] is not None else None
+
+        def send(last=False):
+            if text is None:
+                ids = tokens if (spec["streaming"] or spec["exclude"]) else spec["ids"] + tokens
+                group.send(parts=_ids_parts(ids[sent:] if spec["streaming"] else ids, index), last=last, index=b)
+            else:
+                group.send(parts=_text_parts(text.whole(final=last), spec, reason if last else None,
+                                             stop_reason if last else None, index), last=last, index=b)
+
+        b, sent = index or 0, 0
         try:
             if job.stopped:  # a stop arrived before generation began
                 reason = "cancelled"
-                sender.send(flags=FINAL)
+                group.send(last=True, index=b)
                 return
-            job.result = result = self.llm.generate_async({"prompt_token_ids": spec["ids"]}, spec["sp"],
-                                                          streaming=spec["streaming"])
-            watch = asyncio.ensure_future(self._watch(sender, job))
-            sent = 0
+            result = self.llm.generate_async({"prompt_token_ids": spec["ids"]}, spec["sp"],
+                                             streaming=spec["streaming"])
+            job.results.append(result)
+            if job.stopped:  # a stop arrived while the request was being handed to the LLM
+                result.abort()
             async for out in result:
                 if job.stopped:
                     reason = "cancelled"
                     break
                 tokens = list(out.outputs[0].token_ids)
                 if spec["end_id"] is not None and tokens and tokens[-1] == spec["end_id"]:
-                    tokens, reason = tokens[:-1], "end_id"
-                hit = next((len(tokens) for s in spec["multi_stops"] if tokens[-len(s):] == s), None)
+                    tokens, reason = tokens[:-1], "stop"
+                if text is not None and text.feed(tokens):  # a stop string (text level, BLS's rule)
+                    hit, stop_reason = True, text.matcher_word
+                else:
+                    hit = next((s for s in spec["multi_stops"] if tokens[-len(s):] == s), None)
+                    if hit is not None:
+                        stop_reason = text.tok_text(hit) if text is not None else hit
                 if hit is not None:
                     result.abort()
                     reason = "stop"
-                if spec["streaming"] and len(tokens) > sent:
-                    sender.send(_ids_response(tokens[sent:]))
+                if spec["streaming"] and len(tokens) > sent and (text is None or text.changed()):
+                    send()
                     sent = len(tokens)
                 if hit is not None:
                     break
@@ -242,25 +364,26 @@ class TritonPythonModel:
                 reason = "cancelled"
             elif reason == "length" and len(tokens) < spec["max_tokens"]:
                 reason = "stop"  # a single-token stop word (stop_token_ids) ended it
-            if spec["streaming"] or reason == "cancelled":
-                sender.send(flags=FINAL)
+                stop_reason = tokens[-1] if tokens else None
+            if reason == "cancelled":
+                group.send(last=True, index=b)
+            elif spec["streaming"] and text is None:
+                group.send(last=True, index=b)
             else:
-                ids = tokens if spec["exclude"] else spec["ids"] + tokens
-                sender.send(_ids_response(ids), flags=FINAL)
+                send(last=True)
         except Exception as e:
             reason = "error"
             _log(f"tensorrt_llm (llmapi): request {triton_id!r}: {type(e).__name__}: {e}", error=True)
-            sender.send(_error(f"tensorrt_llm (llmapi): {type(e).__name__}: {e}"), flags=FINAL)
+            group.send(_error(f"tensorrt_llm (llmapi): {type(e).__name__}: {e}"), last=True, index=b)
         finally:
-            job.stopped = True
-            if watch is not None:
-                watch.cancel()
-            if triton_id:
+            job.left -= 1
+            if job.left == 0 and triton_id and self.by_id.get(triton_id) is job:
                 self.by_id.pop(triton_id, None)
-            _log(f"tensorrt_llm (llmapi): request '{triton_id}' finished ({reason}) after {len(tokens)} tokens")
+            _log(f"tensorrt_llm (llmapi): request '{triton_id}'{'' if spec['index'] is None else f' prompt {b}'} "
+                 f"finished ({reason}) after {len(tokens)} tokens")
 
     def finalize(self):
-        if self.llm is None:
+        if getattr(self, "llm", None) is None:
             return
         try:
             self.llm.shutdown()

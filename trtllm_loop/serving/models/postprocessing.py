@@ -1,6 +1,9 @@
 """Triton `postprocessing`: output ids -> text, one response at a time (stateless). A whole sequence is the
 tokenizer's own decode; a one-token response of a decoupled repository is a streamed piece, decoded after an anchor
-token so that SentencePiece's leading space is kept (``loop_text.PieceText``). Exact streaming of multi-byte characters needs state
+token so that SentencePiece's leading space is kept (``loop_text.PieceText``). It cannot be told whether the
+request was streamed: an ensemble step fed by a decoupled model takes inputs from that model only (Triton refuses
+the repository otherwise: "receives inputs originated from different decoupled models"), and TRT-LLM's responses
+do not say it. Exact streaming of multi-byte characters needs state
 across responses, which an ensemble step cannot have: `tensorrt_llm_bls` does that."""
 import json
 

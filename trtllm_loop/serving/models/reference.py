@@ -14,7 +14,8 @@
   taken out of the runtime, each is re-run alone from its prompt plus the tokens it already has (greedy output
   is unchanged; a seeded sampler restarts its generator), the one whose solo step fails gets the error (one line
   to the client, the trace in the server log) and the others go on batched;
-* ``decoupled: false`` (``--decoupled false``): one response per request, ``streaming=true`` is refused;
+* ``decoupled: false`` (``--decoupled false``): one response per request (a batch: the prompts' rows stacked,
+  ``rq.BatchResponder``), ``streaming=true`` is refused;
 * a ``request_output_len`` over what fits in ``max_seq_len`` is cut like TRT-LLM does, with a warning in the
   server log (the client-contract models refuse it instead: ``contract.check_context``).
 """
@@ -41,7 +42,7 @@ CANCEL_CHECK_S = 0.05
 # tensorrt_llm inputs the paged runtime has no counterpart for (rq.LLMRequest.features names)
 # (log probs, context / generation logits, perf metrics and token counts it returns: rq.RETURN_FLAGS, COUNT_FLAGS)
 UNSUPPORTED = ("beam_width", "num_return_sequences", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "min_tokens", "embedding_bias", "bad_words_list")
+               "min_tokens", "bad_words_list")
 LOGIT_FLAGS = ("return_log_probs", "return_context_logits", "return_generation_logits")
 
 
@@ -69,20 +70,24 @@ class _Active:
         self.index = 0
 
 
-def _ids_response(ids: list[int], a=None):
-    arr = np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids))
-    out = [pb_utils.Tensor("output_ids", arr),
-           pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-           pb_utils.Tensor("batch_index", np.array([[a.index if a is not None else 0]], dtype=np.int32)),
-           pb_utils.Tensor("sequence_index", np.array([[0]], dtype=np.int32))]
+def _ids_parts(ids: list[int], a=None) -> list:
+    """The outputs of one response of prompt ``a`` (rq.BatchResponder builds or stacks them)."""
+    out = [("output_ids", np.array(ids, dtype=np.int32).reshape(1, 1, len(ids))),
+           ("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+           ("batch_index", np.array([[a.index if a is not None else 0]], dtype=np.int32)),
+           ("sequence_index", np.array([[0]], dtype=np.int32))]
     counts = a.counts if a is not None else ()
     if a is not None:
         out += _returned(a)
     if "return_num_input_tokens" in counts:
-        out.append(pb_utils.Tensor("num_input_tokens", np.array([[len(a.prompt)]], dtype=np.int32)))
+        out.append(("num_input_tokens", np.array([[len(a.prompt)]], dtype=np.int32)))
     if "return_num_output_tokens" in counts:  # generated so far
-        out.append(pb_utils.Tensor("num_output_tokens", np.array([[len(a.output)]], dtype=np.int32)))
-    return pb_utils.InferenceResponse(output_tensors=out)
+        out.append(("num_output_tokens", np.array([[len(a.output)]], dtype=np.int32)))
+    return out
+
+
+def _build(parts) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in parts])
 
 
 def _returned(a) -> list:
@@ -92,25 +97,25 @@ def _returned(a) -> list:
     n_prompt = len(a.prompt)
     if "return_log_probs" in want:
         lp = a.logprobs[a.sent_lp:len(a.output)]
-        out += [pb_utils.Tensor("output_log_probs", np.array([[lp]], dtype=np.float32).reshape(1, 1, len(lp))),
-                pb_utils.Tensor("cum_log_probs", np.array([[sum(a.logprobs[:len(a.output)])]], dtype=np.float32))]
+        out += [("output_log_probs", np.array(lp, dtype=np.float32).reshape(1, 1, len(lp))),
+                ("cum_log_probs", np.array([[sum(a.logprobs[:len(a.output)])]], dtype=np.float32))]
     if "return_context_logits" in want and a.sent_rows == 0 and len(a.rows) >= n_prompt:
-        out.append(pb_utils.Tensor("context_logits", np.stack(a.rows[:n_prompt])[None].astype(np.float32)))
+        out.append(("context_logits", np.stack(a.rows[:n_prompt])[None].astype(np.float32)))
     if "return_generation_logits" in want:
         # row n_prompt - 1 + i produced generated token i
         start, end = n_prompt - 1 + a.sent_lp, n_prompt - 1 + len(a.output)
         g = np.stack(a.rows[start:end]) if end > start else np.zeros((0, 0), np.float32)
-        out.append(pb_utils.Tensor("generation_logits", g[None, None].astype(np.float32)))
+        out.append(("generation_logits", g[None, None].astype(np.float32)))
     if "return_perf_metrics" in want:
         t = a.times
-        out += [pb_utils.Tensor(k, np.array([[t.get(k, 0)]], dtype=np.int64)) for k in (
+        out += [(k, np.array([[t.get(k, 0)]], dtype=np.int64)) for k in (
             "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")]
-        out += [pb_utils.Tensor("kv_cache_alloc_new_blocks", np.array([[a.blocks]], dtype=np.int32)),
-                pb_utils.Tensor("kv_cache_reused_blocks", np.array([[0]], dtype=np.int32)),  # no prefix reuse
-                pb_utils.Tensor("kv_cache_alloc_total_blocks", np.array([[a.blocks]], dtype=np.int32)),
-                pb_utils.Tensor("acceptance_rate", np.array([[0.0]], dtype=np.float32)),  # no speculative decoding
-                pb_utils.Tensor("total_accepted_draft_tokens", np.array([[0]], dtype=np.int32)),
-                pb_utils.Tensor("total_draft_tokens", np.array([[0]], dtype=np.int32))]
+        out += [("kv_cache_alloc_new_blocks", np.array([[a.blocks]], dtype=np.int32)),
+                ("kv_cache_reused_blocks", np.array([[0]], dtype=np.int32)),  # no prefix reuse
+                ("kv_cache_alloc_total_blocks", np.array([[a.blocks]], dtype=np.int32)),
+                ("acceptance_rate", np.array([[0.0]], dtype=np.float32)),  # no speculative decoding
+                ("total_accepted_draft_tokens", np.array([[0]], dtype=np.int32)),
+                ("total_draft_tokens", np.array([[0]], dtype=np.int32))]
     a.sent_lp = len(a.output)
     a.sent_rows = len(a.rows)
     return out
@@ -173,6 +178,8 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ requests (Triton thread)
     def _sampling_params(self, req):
+        import torch
+
         req.reject(UNSUPPORTED, "the reference runtime")
         s = req.sampling
         return self.SamplingParams(
@@ -180,7 +187,8 @@ class TritonPythonModel:
             top_k=s.top_k or 0, top_p=1.0 if s.top_p is None else s.top_p, seed=s.seed,
             # end_id < 0: no end token (TRT-LLM); unset: the model's eos ids
             stop_token_ids=None if req.end_id is None else ((req.end_id,) if req.end_id >= 0 else ()),
-            stop_sequences=req.stop_words, ignore_eos=False)
+            stop_sequences=req.stop_words, ignore_eos=False,
+            embedding_bias=None if req.bias is None else torch.from_numpy(req.bias))
 
     def execute(self, requests):
         for request in requests:  # each request answers for itself: a bad one never touches the others
@@ -193,7 +201,6 @@ class TritonPythonModel:
                 # a batch: one engine request per prompt, answered by rq.BatchResponder's rule (batch_index)
                 reqs = rq.parse_llm_requests(inp, default_exclude=self.default_exclude, vocab_size=self.vocab,
                                              max_seq_len=self.max_seq_len)
-                rq.check_batch(len(reqs), self.decoupled, "tensorrt_llm model")
                 if any(r.streaming for r in reqs) and not self.decoupled:
                     raise rq.RequestError("streaming=true needs the decoupled tensorrt_llm model: render the "
                                           "repository with `trtllm-loop triton-repo --decoupled true`")
@@ -201,7 +208,8 @@ class TritonPythonModel:
             except Exception as e:
                 sender.send(_error(e), flags=FINAL)
                 continue
-            group = rq.BatchResponder(sender, len(reqs), FINAL)
+            # decoupled: one result per prompt (batch_index); else the prompts' rows in one response
+            group = rq.BatchResponder(sender, len(reqs), FINAL, _build, merge=not self.decoupled)
             for b, (req, sp) in enumerate(zip(reqs, sps)):
                 if req.asked_len > req.output_len:
                     _log(f"tensorrt_llm: request {request.request_id()!r}: request_output_len {req.asked_len} cut "
@@ -319,7 +327,7 @@ class TritonPythonModel:
                     if triton_id and a.triton_id == triton_id:
                         self.rt.cancel(a.rid)
                 try:  # a non-decoupled model must send a response with its final flag
-                    sender.send(None if self.decoupled else _ids_response([]), flags=FINAL)
+                    sender.send(None if self.decoupled else _build(_ids_parts([])), flags=FINAL)
                 except Exception:
                     pass
             try:
@@ -342,10 +350,11 @@ class TritonPythonModel:
             if cancelled:
                 self.rt.cancel(a.rid)
 
-    def _safe_send(self, a, response=None, flags=0):
-        """Send for ``a``'s prompt; ``flags`` FINAL ends that prompt (the request ends with its last prompt)."""
+    def _safe_send(self, a, response=None, flags=0, parts=None):
+        """Send for ``a``'s prompt (``parts``, or a ready ``response``: an error); ``flags`` FINAL ends that prompt
+        (the request ends with its last prompt)."""
         try:
-            a.group.send(response, last=bool(flags & FINAL))
+            a.group.send(response, last=bool(flags & FINAL), parts=parts, index=a.index)
         except Exception:
             pass  # the client is gone
 
@@ -374,15 +383,15 @@ class TritonPythonModel:
         a.output += new
         if a.streaming:
             if new and not o.finished:
-                self._safe_send(a, _ids_response(new, a))
+                self._safe_send(a, parts=_ids_parts(new, a))
             elif o.finished:
                 if new or a.counts or a.returns:
-                    self._safe_send(a, _ids_response(new, a), FINAL)
+                    self._safe_send(a, None, FINAL, parts=_ids_parts(new, a))
                 else:
                     self._safe_send(a, None, FINAL)
         elif o.finished:
             ids = a.output if a.exclude else a.prompt + a.output
-            self._safe_send(a, _ids_response(ids, a), FINAL)
+            self._safe_send(a, None, FINAL, parts=_ids_parts(ids, a))
         if o.finished:
             self.active.pop(o.request_id, None)
             _log(f"tensorrt_llm: request {a.triton_id or o.request_id!r} finished ({o.finish_reason}) after "
