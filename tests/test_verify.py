@@ -43,9 +43,10 @@ def test_verify_detects_a_wrong_mix(monkeypatch, capsys):
     from trtllm_loop.trtllm.torch_backend import modeling_iquest_loop as m
 
     # a TRT-LLM-side fault (the shared schedule is not touched, so the reference stays right): the gate of
-    # every layer inverted, i.e. (1 - g) * global + g * local
-    gate = m.TrtllmGateProjection.forward
+    # every layer inverted, i.e. (1 - g) * global + g * local, with the plain torch ops and with the fused gate op
+    gate, fused = m.TrtllmGateProjection.forward, m.TrtllmFusedGateBackend.gated_mix
     monkeypatch.setattr(m.TrtllmGateProjection, "forward", lambda self, q_rot: 1 - gate(self, q_rot))
+    monkeypatch.setattr(m.TrtllmFusedGateBackend, "gated_mix", lambda self, gp, q, g, l: fused(self, gp, q, l, g))
     assert main(["verify"]) == 1
     assert "verify: FAIL" in capsys.readouterr().out
 

@@ -24,7 +24,7 @@ __device__ __forceinline__ Vec<T, VEC> load(const T* p) {
 }
 
 template <typename T, int VEC>
-__global__ void gate_mix_kernel(GateMixArgs a, int tph) {
+__global__ void __launch_bounds__(1024) gate_mix_kernel(GateMixArgs a, int tph) {
   extern __shared__ float smem[];
   const int half = a.head_dim / 2;
   float* inv = smem;
