@@ -114,12 +114,16 @@ def test_the_triton_repository_passes_the_upstream_contract(built):
 
 
 def test_the_engines_give_the_reference_logits(built):
+    """Built without gather_context_logits (the serving default): a context step yields its last token's logits
+    only, so every position is scored from generation steps (prefill_len 1) -- and chunked prefill is refused."""
     rng = np.random.default_rng(4)
     seqs = [rng.integers(0, 128, n).tolist() for n in (21, 6)]
-    got = compute(str(built), seqs, "engine", chunk=5)
+    got = compute(str(built), seqs, "engine", chunk=5, prefill_len=1)
     want = compute(str(FIX / "source"), seqs, "paged", dtype="bfloat16", chunk=5, tokens_per_block=32)
     for g, w in zip(got, want):
         assert g.shape == w.shape and float(np.abs(g - w).max()) < 1e-4
+    with pytest.raises(UserError, match="without gather_context_logits.*--prefill-len 1"):
+        compute(str(built), seqs, "engine", chunk=5)
 
 
 def test_an_engine_whose_plugin_is_not_loaded_is_refused(built, monkeypatch):
@@ -170,7 +174,8 @@ def test_build_from_a_trtllm_checkpoint_keeps_its_shards(tmp_path):
         build_engine(tmp_path / "ck", B200, tmp_path / "o", tp=4, tokenizer=str(_tok()))
     cfg = _config(tmp_path, weight_formats=["bf16", "fp32"])
     assert main(["build", str(tmp_path / "ck"), "--backend", "tensorrt", "--config", str(cfg), "--out",
-                 str(tmp_path / "eng"), "--tokenizer", str(_tok())]) == 0
+                 str(tmp_path / "eng"), "--tokenizer", str(_tok()), "--gather-context-logits"]) == 0
+    assert json.loads((tmp_path / "eng/engine/config.json").read_text())["build_config"]["gather_context_logits"]
     assert sorted(p.name for p in (tmp_path / "eng" / "engine").glob("*.engine")) == ["rank0.engine", "rank1.engine"]
     assert "mpirun -n 2" in (tmp_path / "eng" / "launch_triton.sh").read_text()
     seqs = [[3, 9, 27, 81 % 128, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -196,7 +201,8 @@ def test_gb10_nvfp4_engines_run_w4a4_like_the_reference(tmp_path):
     reference's NVFP4 activation emulation over the same bf16 activations."""
     out = tmp_path / "gb10"
     assert main(["build", str(FIX / "modelopt_nvfp4"), "--backend", "tensorrt", "--config",
-                 str(REPO / "build_configs/gb10.yaml"), "--out", str(out), "--tokenizer", str(_tok())]) == 0
+                 str(REPO / "build_configs/gb10.yaml"), "--out", str(out), "--tokenizer", str(_tok()),
+                 "--gather-context-logits"]) == 0
     ec = json.loads((out / "engine/config.json").read_text())
     assert ec["build_config"]["plugin_config"]["gemm_plugin"] == "nvfp4"
     assert ec["pretrained_config"]["quantization"]["quant_algo"] == "NVFP4"

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--gate-plugin", default=None, metavar="LIB",
                    help="tensorrt: the loop gate as the IQuestLoopGateMix plugin from this library (or its "
                         "directory, plugins/loop_gate build output); default: the gate in plain TensorRT ops")
+    p.add_argument("--gather-context-logits", action="store_true",
+                   help="tensorrt: engines that return every context token's logits (for scoring; costs memory)")
     p.add_argument("--config", required=True, help="build config, e.g. build_configs/b200.yaml")
     p.add_argument("--out", required=True, help="deploy (pytorch) or engine (tensorrt) directory to write")
     p.add_argument("--tp", type=positive_int, default=None, help="tensor parallel size (default: the build config's)")
@@ -44,9 +46,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if args.backend == "tensorrt":
         return _run_tensorrt(args)
-    if args.gate_plugin:
+    if args.gate_plugin or args.gather_context_logits:
         from trtllm_loop.errors import UserError
-        raise UserError("--gate-plugin applies to --backend tensorrt (the PyTorch backend uses the gate op)")
+        raise UserError("--gate-plugin and --gather-context-logits apply to --backend tensorrt")
     from trtllm_loop.trtllm.deploy import build
 
     info = build(args.ckpt, args.config, args.out, tp=args.tp, weights=args.weights, force=args.force,
@@ -65,7 +67,7 @@ def _run_tensorrt(args) -> int:
     from trtllm_loop.trtllm.engine.build import build_engine
 
     info = build_engine(args.ckpt, args.config, args.out, tp=args.tp, gate_plugin=args.gate_plugin,
-                        tokenizer=args.tokenizer, force=args.force)
+                        tokenizer=args.tokenizer, gather_context_logits=args.gather_context_logits, force=args.force)
     print(f"wrote {args.out}: TensorRT-LLM {info['trtllm_version']} engines for {info['target']} (SM{info['sm']}), "
           f"{info['weight_format']} weights, TP {info['tensor_parallel_size']}, {info['kv_layers']} KV layers over "
           f"{info['physical_layers']} blocks, gate: {info['gate']}" + (" (API double)" if info["api_double"] else ""))

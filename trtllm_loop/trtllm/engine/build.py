@@ -79,11 +79,11 @@ def _plugin(lib: str | None, bc) -> Path | None:
     return p
 
 
-def _build_config(bc, gate_plugin: bool) -> dict:
+def _build_config(bc, gate_plugin: bool, gather_context_logits: bool = False) -> dict:
     """``tensorrt_llm.builder.BuildConfig.from_dict`` input (builder.py fields; plugin_config by name)."""
     return {"max_input_len": bc.max_seq_len - 1, "max_seq_len": bc.max_seq_len, "max_batch_size": bc.max_batch_size,
             "max_num_tokens": bc.max_num_tokens, "max_beam_width": 1, "kv_cache_type": "PAGED",
-            "gather_context_logits": False, "strongly_typed": True,
+            "gather_context_logits": gather_context_logits, "strongly_typed": True,
             "plugin_config": {"gpt_attention_plugin": "auto", "remove_input_padding": True, "paged_kv_cache": True,
                               "tokens_per_block": bc.tokens_per_block, "context_fmha": True,
                               "use_paged_context_fmha": bc.enable_chunked_prefill}}
@@ -114,7 +114,7 @@ DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 
 
 def build_engine(ckpt, config, out, *, tp: int | None = None, gate_plugin: str | None = None,
-                 tokenizer: str | None = None, force: bool = False) -> dict:
+                 tokenizer: str | None = None, gather_context_logits: bool = False, force: bool = False) -> dict:
     tllm, is_double = ensure_tensorrt_llm()
     if not str(tllm.__version__).startswith(TRTLLM_SERIES):
         raise UserError(f"--backend tensorrt needs TensorRT-LLM 1.2.x (found {tllm.__version__}): the engine flow is "
@@ -146,7 +146,7 @@ def build_engine(ckpt, config, out, *, tp: int | None = None, gate_plugin: str |
             from trtllm_loop.trtllm.engine.checkpoint import convert_trtllm
             convert_trtllm(ckpt, tmp / ".trtllm-ckpt", tp=tp)
             src = tmp / ".trtllm-ckpt"
-        _build_ranks(src, tmp / "engine", bc, tp, lib, is_double)
+        _build_ranks(src, tmp / "engine", bc, tp, lib, is_double, gather_context_logits)
         if kind == "hf":
             shutil.rmtree(src)
         preload = None
@@ -175,7 +175,8 @@ def build_engine(ckpt, config, out, *, tp: int | None = None, gate_plugin: str |
     return info
 
 
-def _build_ranks(src: Path, engine_dir: Path, bc, tp: int, lib: Path | None, is_double: bool) -> None:
+def _build_ranks(src: Path, engine_dir: Path, bc, tp: int, lib: Path | None, is_double: bool,
+                 gather_context_logits: bool) -> None:
     from tensorrt_llm.builder import BuildConfig, build
     from tensorrt_llm.models.modeling_utils import PretrainedConfig
 
@@ -191,7 +192,7 @@ def _build_ranks(src: Path, engine_dir: Path, bc, tp: int, lib: Path | None, is_
             model = IQuestLoopEngineForCausalLM.from_checkpoint(str(src), rank=r, config=config)
         except NotImplementedError as e:  # the API double's limits (quantized GEMMs are CUDA kernels)
             raise UserError(f"{src}: {e}") from None
-        engine = build(model, BuildConfig.from_dict(_build_config(bc, lib is not None)))
+        engine = build(model, BuildConfig.from_dict(_build_config(bc, lib is not None, gather_context_logits)))
         engine.save(str(engine_dir))
 
     if tp > 1 and is_double:  # the double's build runs the forward once: its collectives need every rank

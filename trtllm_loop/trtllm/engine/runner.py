@@ -32,14 +32,21 @@ def kind_of(path: Path) -> str:
 
 
 def score(models, plugin_config, seqs, *, tokens_per_block: int, chunk: int, prefill_len, max_seq_len: int,
-          window: int, world=None) -> list[np.ndarray]:
-    """Run every sequence through ``models`` (one per rank) step by step; fp32 logits ``[T, V]`` each."""
+          window: int, world=None, gather_context_logits: bool = True) -> list[np.ndarray]:
+    """Run every sequence through ``models`` (one per rank) step by step; fp32 logits ``[T, V]`` each. An engine
+    built without ``gather_context_logits`` returns one row per request and step (its last token's), so only a
+    schedule whose context steps bring one token each (``prefill_len`` 1) yields every position."""
     from tensorrt_llm._eager_engine import kv_manager, run_step, step_inputs, window_sizes
 
     from trtllm_loop.runtime.attention import StepMetadata
     from trtllm_loop.trtllm.torch_backend.runner import schedule
 
     pattern = [max_seq_len, min(window, max_seq_len)]
+    if not gather_context_logits and any(n > 1 for step, _ in schedule([len(s) for s in seqs], chunk, prefill_len)
+                                         for _, _, n, _ in step):
+        raise UserError("the engine was built without gather_context_logits: a context step returns its last "
+                        "token's logits only; pass --prefill-len 1 (every later token is a generation step), or "
+                        "rebuild with `build --backend tensorrt --gather-context-logits`")
 
     def rank(r: int):
         model = models[r]
@@ -53,10 +60,12 @@ def score(models, plugin_config, seqs, *, tokens_per_block: int, chunk: int, pre
                 mgr.prepare_step(StepMetadata([i for i, *_ in step], [p for _, p, _, _ in step],
                                               [n for _, _, n, _ in step]))
                 batch = [(i, p, n, torch.tensor(seqs[i][p:p + n], dtype=torch.int32)) for i, p, n, _ in step]
-                inputs = step_inputs(mgr, batch, [0 if c else 1 for *_, c in step], windows, max_seq_len, True)
+                inputs = step_inputs(mgr, batch, [0 if c else 1 for *_, c in step], windows, max_seq_len,
+                                     gather_context_logits)
                 with torch.inference_mode():
                     logits = run_step(model, plugin_config, inputs)
-                for (i, _, n, _), part in zip(step, logits.float().split([n for _, _, n, _ in step])):
+                rows = [n if gather_context_logits else 1 for _, _, n, _ in step]
+                for (i, _, n, _), part in zip(step, logits.float().split(rows)):
                     out[i].append(part[:, :model.loop_cfg.vocab_size])
         finally:
             mgr.shutdown()
@@ -108,7 +117,7 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
             loaded = [load_engine(str(src), r) for r in range(_world_size(src, "engine"))]
             models = [m for m, _ in loaded]
             bc = loaded[0][1].build_config
-            pc, max_seq_len = bc.plugin_config, bc.max_seq_len
+            pc, max_seq_len, gather = bc.plugin_config, bc.max_seq_len, bool(bc.gather_context_logits)
             if max(len(s) for s in seqs) > max_seq_len:
                 raise UserError(f"a sequence of {max(len(s) for s in seqs)} tokens exceeds the engine's max_seq_len "
                                 f"{max_seq_len}; rebuild with a larger max_seq_len")
@@ -121,6 +130,7 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
                 models.append(engine_model.IQuestLoopEngineForCausalLM.from_checkpoint(str(src), rank=r,
                                                                                       config=config))
             pc, max_seq_len = _plugin_config(models[0].config.dtype, tokens_per_block), max(len(s) for s in seqs)
+            gather = True
         bad = [t for s in seqs for t in s if not 0 <= t < models[0].loop_cfg.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {models[0].loop_cfg.vocab_size})")
@@ -129,7 +139,8 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
             from tensorrt_llm._torch.distributed import SimulatedWorld
             world = SimulatedWorld(len(models))
         return score(models, pc, seqs, tokens_per_block=pc.tokens_per_block, chunk=chunk, prefill_len=prefill_len,
-                     max_seq_len=max_seq_len, window=models[0].loop_cfg.loop_window_size, world=world)
+                     max_seq_len=max_seq_len, window=models[0].loop_cfg.loop_window_size, world=world,
+                     gather_context_logits=gather)
 
 
 def _world_size(path: Path, kind: str) -> int:

@@ -42,7 +42,8 @@ def run_engine_verify(root, tllm, is_double: bool, dtype: str, tol: float, confi
     bc["cuda_graph"] = {"enable_padding": True, "batch_sizes": [1, 2]}
     (root / "build_config.yaml").write_text(yaml.safe_dump(bc))
     out = root / "engine_dir"
-    build_engine(model, root / "build_config.yaml", out, tp=tp, gate_plugin=gate_plugin, force=True)
+    build_engine(model, root / "build_config.yaml", out, tp=tp, gate_plugin=gate_plugin, gather_context_logits=True,
+                 force=True)
     rt = json.loads((out / "runtime_config.json").read_text())
     prompts = verify_prompts(W, cfg.vocab_size, chunk, seed)
     n_decode = W + DECODE_PAST_WINDOW
