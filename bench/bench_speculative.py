@@ -13,7 +13,7 @@ the speed-up over baseline; the greedy output is checked to be identical to the 
 CPU wall clock of random models: the relative figures are what matters (a GPU is bandwidth-bound per step,
 so there tokens/step is the ceiling of the speed-up).
 
-usage: python bench/bench_speculative.py [--out bench/results/speculative_cpu] [--tokens 192]
+usage: python bench/bench_speculative.py [--out bench/results/speculative_cpu] [--tokens 64] [--repeats 1]
 Writes OUT.json, OUT.md and OUT.png.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def write_draft(target_dir: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def run(model, prompt, n, make=None, repeats=2):
+def run(model, prompt, n, make=None, repeats=1):
     """Best wall clock of ``repeats`` runs (the machine is shared); counts from the last."""
     from trtllm_loop.runtime import LoopRuntime, SamplingParams
 
@@ -88,7 +88,9 @@ def run(model, prompt, n, make=None, repeats=2):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/speculative_cpu")
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per config; the best wall clock is kept")
+    ap.add_argument("--draft-ks", default="4", help="K values of the model drafts (comma-separated)")
     args = ap.parse_args()
     import torch
     from transformers import AutoTokenizer
@@ -109,14 +111,14 @@ def main() -> int:
                   "layerskip": load_model(write_draft(target, d / "skip", "skip"), "float32"), "self": model}
         n = args.tokens
         run(model, prompt, 8, repeats=1)  # warm-up
-        ref, base = run(model, prompt, n)
+        ref, base = run(model, prompt, n, repeats=args.repeats)
         rows = {"baseline": base}
         configs = [(f"ngram:{k}", lambda k=k: NgramProposer(k)) for k in (2, 4, 8)]
         configs += [(f"{name}:{k}", lambda name=name, k=k: DraftProposer(drafts[name], k, tokens_per_block=16,
                                                                          max_batch_size=1, max_seq_len=len(prompt) + n + 1))
-                    for name in ("draft", "layerskip", "self") for k in (2, 4)]
+                    for name in ("draft", "layerskip", "self") for k in map(int, args.draft_ks.split(","))]
         for name, make in configs:
-            out, r = run(model, prompt, n, make)
+            out, r = run(model, prompt, n, make, args.repeats)
             if out != ref:
                 print(f"{name}: output differs from normal greedy decoding", file=sys.stderr)
                 return 1
@@ -132,8 +134,8 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     lines = [f"# Speculative decoding, paged runtime, {meta['model']}",
              f"prompt {len(prompt)} tokens (repetitive code), {n} greedy output tokens; every row's output is "
-             "identical to the baseline's. Tokens/step and acceptance are exact; tok/s is the best of 2 runs on a "
-             "2-core machine shared with other jobs (noisy). Random weights rarely repeat their prompt, so prompt "
+             f"identical to the baseline's. Tokens/step and acceptance are exact; tok/s is the best of {args.repeats} "
+             "run(s) on a 2-core machine shared with other jobs (noisy). Random weights rarely repeat their prompt, so prompt "
              "lookup finds few drafts and unrelated drafts are rejected; `self` shows the ceiling (all accepted).",
              "",
              "| config | tok/s | speed-up | tokens/step | accepted/verification | acceptance |",
