@@ -33,6 +33,16 @@ def test_cli_verify_json_report_decodes_past_the_window_edge(tmp_path, capsys):
     assert report["runs"][0]["graph_eligible_steps"] == 23 and report["runs"][2]["graph_eligible_steps"] == 0
 
 
+def test_verify_leaves_the_callers_environment_as_it_was(monkeypatch, tmp_path):
+    # the MPI workers' PYTHONPATH / pool shares are set for the run only (a later Triton test in the same
+    # process once found verify's deploy dir first on PYTHONPATH and no Triton templates)
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    monkeypatch.delenv("TRTLLM_WINDOW_SIZE_SHARES", raising=False)
+    assert verify(work=str(tmp_path / "w"), log=lambda _: None)["passed"]
+    import os
+    assert os.environ["PYTHONPATH"] == "/somewhere/else" and "TRTLLM_WINDOW_SIZE_SHARES" not in os.environ
+
+
 def test_verify_tp2_from_a_target_config():
     lines = []
     report = verify(tp=2, config="build_configs/gb10.yaml", log=lines.append)

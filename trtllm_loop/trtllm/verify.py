@@ -133,7 +133,15 @@ def verify(*, gpu: bool = False, config: str | None = None, tp: int = 1, work: s
             report = run_engine_verify(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log,
                                        gate_plugin=gate_plugin)
         else:
-            report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
+            saved = {k: os.environ.get(k) for k in WORKER_ENV}
+            try:
+                report = _run(root, tllm, is_double, dtype, tol, config, tp, seed, geometry, log)
+            finally:  # the worker environment is for this run only: leave the caller's as it was
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         text = json.dumps(report, indent=2) + "\n"
         (root / "report.json").write_text(text)
         if json_out:  # written whole, then renamed: never a partial report
@@ -155,6 +163,9 @@ def _versions(tllm, is_double: bool) -> dict:
         major, minor = torch.cuda.get_device_capability()
         v.update(gpu=torch.cuda.get_device_name(), sm=major * 10 + minor)
     return v
+
+
+WORKER_ENV = ("TRTLLM_WINDOW_SIZE_SHARES", "PYTHONPATH")
 
 
 def _worker_env(deploy: Path, plan: dict) -> None:
