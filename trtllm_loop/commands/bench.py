@@ -92,11 +92,20 @@ def run(args) -> int:
     kind, url = args.endpoint
     try:
         target = bench.Target(kind, url, args.model, timeout=args.timeout, ignore_eos=args.ignore_eos)
-        n = args.num_requests or max(8, 4 * max(args.concurrency))
+    except ValueError as e:
+        raise UserError(f"--endpoint {kind} {url}: {e}") from None
+    n = args.num_requests or max(8, 4 * max(args.concurrency))
+    try:
         prompts = (bench.synthetic_prompts(n, args.input_len, args.seed) if args.prompts == "synthetic"
                    else bench.load_prompts(args.prompts))
     except (ValueError, OSError) as e:
-        raise UserError(f"--endpoint/--prompts: {e}") from None
+        raise UserError(f"--prompts {args.prompts}: {e}") from None
+    try:
+        bench.probe(target)
+    except OSError as e:
+        host, port = target.address()
+        raise UserError(f"--endpoint {kind} {url}: cannot connect to {host}:{port} ({type(e).__name__}: {e}); "
+                        "start the server (e.g. `trtllm-loop serve REPO --openai-port N`) or fix the URL") from None
     from tqdm import tqdm
 
     def bar(c, total):

@@ -84,6 +84,13 @@ def load_tokenizer(ckpt: str):
 def run(args) -> int:
     from trtllm_loop.runtime import LoopRuntime, SamplingParams
 
+    if args.speculative:  # a malformed spec fails before any model is loaded
+        from trtllm_loop.runtime.speculative import parse_spec
+
+        try:
+            parse_spec(args.speculative)
+        except ValueError as e:
+            raise UserError(f"--speculative: {e}") from None
     tok = None
     if args.prompt:
         tok = load_tokenizer(args.ckpt)
