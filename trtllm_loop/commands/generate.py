@@ -77,7 +77,7 @@ def load_tokenizer(ckpt: str):
 
         return AutoTokenizer.from_pretrained(ckpt)
     except Exception as e:
-        raise UserError(f"{ckpt}: no usable tokenizer ({type(e).__name__}: {e}); use --prompt-ids, or add "
+        raise UserError(f"{ckpt}: no usable tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:200]}); use --prompt-ids, or add "
                         "tokenizer files (tokenizer.model + tokenizer_config.json)") from None
 
 

@@ -49,7 +49,7 @@ def _tokenizer(ckpt: Path, why: str):
         return AutoTokenizer.from_pretrained(str(ckpt))
     except Exception as e:
         raise UserError(f"{ckpt}: {why} needs the checkpoint's tokenizer, which does not load ({type(e).__name__}: "
-                        f"{str(e)[:120]}); add the tokenizer files, or give --calib FILE.jsonl with "
+                        f"{' '.join(str(e).split())[:120]}); add the tokenizer files, or give --calib FILE.jsonl with "
                         '{"input_ids": [...]} lines') from None
 
 
