@@ -588,3 +588,32 @@ def test_gate_plugin_that_is_not_a_library(tmp_path):
     lib.write_text("{}")
     with pytest.raises(UserError, match=r"--gate-plugin .*: not a shared library \(no ELF header\)"):
         check_plugin_sm(lib, 100, "b200.yaml")
+
+
+def test_trtllm_checkpoint_mistakes_are_one_line(ck, tmp_path, capsys):
+    """A TRT-LLM checkpoint where an HF one is needed, and a truncated rank file, name the file and the fix."""
+    tc = tmp_path / "tc"
+    assert cli("convert", ck, tc, "--to", "trtllm-ckpt") == 0
+    for args in (("convert", tc, tmp_path / "o", "--to", "trtllm-ckpt"),
+                 ("quantize", tc, tmp_path / "o", "--qformat", "fp8", "--num-samples", "1")):
+        rc, err = run_cli(capsys, *args)
+        assert rc == 2 and err.count("\n") == 1 and f"{tc}/config.json: a TensorRT-LLM checkpoint" in err and \
+            "give the HF checkpoint it was converted from" in err, err
+    max_pos = json.loads((ck / "config.json").read_text())["max_position_embeddings"]
+    bc = tmp_path / "b200.yaml"
+    bc.write_text((REPO / "build_configs/b200.yaml").read_text().replace("max_seq_len: 32768",
+                                                                        f"max_seq_len: {max_pos}"))
+    rank0 = tc / "rank0.safetensors"
+    rank0.write_bytes(rank0.read_bytes()[:100])
+    for args in (("logits", tc, "--ids", tmp_path / "a.json", "--mode", "engine", "--out", tmp_path / "o.npy"),
+                 ("build", tc, "--backend", "tensorrt", "--config", bc, "--out", tmp_path / "o")):
+        rc, err = run_cli(capsys, *args)
+        assert rc == 2 and f"error: {rank0}: cannot read the safetensors header" in err, (args, err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.npy").exists()
+
+
+def test_a_failed_validation_is_one_line(ck, tmp_path, capsys):
+    sd = raw_header(ck / "model.safetensors")
+    (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:len(sd[1]) // 2])
+    rc, err = run_cli(capsys, "convert", ck, tmp_path / "o", "--to", "trtllm-ckpt")
+    assert rc == 2 and err.count("\n") == 1 and f"error: {ck}: checkpoint failed validation: " in err, err

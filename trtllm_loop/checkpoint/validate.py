@@ -86,8 +86,9 @@ def check(ckpt: str | Path) -> list[Finding]:
     findings = validate(ckpt)
     errors = [f for f in findings if f.level == ERROR]
     if errors:
-        raise UserError(f"{ckpt}: checkpoint failed validation ({len(errors)} error(s)):\n  " +
-                        "\n  ".join(str(f) for f in errors))
+        more = (f" (and {len(errors) - 1} more error(s): `trtllm-loop validate {ckpt}` lists them all)"
+                if len(errors) > 1 else "")
+        raise UserError(f"{ckpt}: checkpoint failed validation: {str(errors[0]).removeprefix('error: ')}{more}")
     return findings
 
 
