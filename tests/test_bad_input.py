@@ -617,3 +617,21 @@ def test_a_failed_validation_is_one_line(ck, tmp_path, capsys):
     (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:len(sd[1]) // 2])
     rc, err = run_cli(capsys, "convert", ck, tmp_path / "o", "--to", "trtllm-ckpt")
     assert rc == 2 and err.count("\n") == 1 and f"error: {ck}: checkpoint failed validation: " in err, err
+
+
+@pytest.mark.parametrize("work,out,msg", [
+    ("q", "q", "overlaps the output"),
+    ("w", "w/q", "overlaps the output"),       # was: OUT written, then deleted with the spill
+    ("q/w", "q", "overlaps the output"),
+    ("ck/w", "q", "is inside the source checkpoint"),
+    ("a.json", "q", "exists and is not a directory"),
+])
+def test_quantize_work_dir_never_overlaps_output_or_source(ck, tmp_path, capsys, work, out, msg):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"input_ids": [1, 2, 3, 4]}\n' * 2)
+    before = tree(ck)
+    rc, err = run_cli(capsys, "quantize", ck, tmp_path / out, "--qformat", "fp8", "--mode", "streamed",
+                      "--calib", calib, "--num-samples", "2", "--work-dir", tmp_path / work)
+    assert rc == 2 and f"error: --work-dir {tmp_path / work}: {msg}" in err, err
+    assert not (tmp_path / out).exists() and tree(ck) == before
+    assert (tmp_path / work).is_file() or not (tmp_path / work).exists()
