@@ -635,3 +635,14 @@ def test_quantize_work_dir_never_overlaps_output_or_source(ck, tmp_path, capsys,
     assert rc == 2 and f"error: --work-dir {tmp_path / work}: {msg}" in err, err
     assert not (tmp_path / out).exists() and tree(ck) == before
     assert (tmp_path / work).is_file() or not (tmp_path / work).exists()
+
+
+def test_an_output_inside_the_input_checkpoint_is_refused(ck, tmp_path, capsys):
+    """A checkpoint nested in its source: a later `--force` on the source would delete it with it."""
+    before = tree(ck)
+    for args in (("convert", ck, ck / "o", "--to", "bf16"), ("convert", ck, ck / "o", "--to", "trtllm-ckpt"),
+                 ("quantize", ck, ck / "o", "--qformat", "fp8"),
+                 ("logits", ck, "--ids", tmp_path / "a.json", "--out", ck / "o.npy")):
+        rc, err = run_cli(capsys, *args)
+        assert rc == 2 and f"refusing to write here, it is inside the input {ck.resolve()}" in err, (args, err)
+    assert tree(ck) == before

@@ -7,7 +7,7 @@ when everything succeeded (:func:`atomic_dir` for directories, :func:`atomic_fil
   time). An existing output is refused unless ``force`` (``--force``), and ``force`` replaces only a directory
   holding that marker (or an empty one): never a directory with other content, never a symbolic link, never
   ``/``, the home directory, the current directory or one of its parents, nor a ``protect``-ed path (the input
-  checkpoint) or a parent of it.
+  checkpoint), a parent of it or a path inside it.
 * **Interrupted runs.** The temp dir is ``.<name>.trtllm-loop-tmp-<pid>-<random>`` and its marker is held
   under an exclusive ``flock`` while the command runs (the kernel drops the lock when the process dies, even
   on ``kill -9``). Each run removes, in the directory it writes into, the temp dirs of this tool that are not
@@ -98,6 +98,8 @@ def _protected(out: Path, protect: tuple) -> str | None:
             return "it is the input checkpoint"
         if r in pr.parents:
             return f"it contains the input {pr}"
+        if pr in r.parents:  # a checkpoint nested in its source: `--force` on the source would delete it
+            return f"it is inside the input {pr}"
     return None
 
 

@@ -17,7 +17,8 @@ p99) and errors. The same requests go to any of
   triton-grpc URL   Triton gRPC streaming (host:port, e.g. 127.0.0.1:8001), model ensemble or tensorrt_llm_bls
   triton-http URL   Triton's HTTP generate_stream (host:port, e.g. 127.0.0.1:8000)
 Each level runs --num-requests requests (default 4 x concurrency, at least 8), or for --duration seconds,
-whichever ends first; every request has a --timeout. Greedy sampling; outputs may end early at an end id
+whichever ends first; every request has a --timeout. The endpoint is probed first (a TCP connect, at most
+10 s): an unreachable one is one error, not a timeout per request; a level where every request fails ends the run. Greedy sampling; outputs may end early at an end id
 (--ignore-eos asks the server not to: end_id -1 on Triton, ignore_eos on trtllm-serve).
 
 Writes OUT/results.json (every request's timings, the per-level summary), OUT/summary.md (the table) and
