@@ -646,3 +646,12 @@ def test_an_output_inside_the_input_checkpoint_is_refused(ck, tmp_path, capsys):
         rc, err = run_cli(capsys, *args)
         assert rc == 2 and f"refusing to write here, it is inside the input {ck.resolve()}" in err, (args, err)
     assert tree(ck) == before
+
+
+def test_logits_engine_tp_must_match_a_converted_checkpoint(ck, tmp_path, capsys):
+    tc = tmp_path / "tc"
+    assert cli("convert", ck, tc, "--to", "trtllm-ckpt") == 0
+    rc, err = run_cli(capsys, "logits", tc, "--ids", tmp_path / "a.json", "--mode", "engine", "--tp", "2",
+                      "--out", tmp_path / "o.npy")
+    assert rc == 2 and f"error: --tp 2: {tc} already holds 1 rank(s); drop --tp" in err, err
+    assert not (tmp_path / "o.npy").exists()
