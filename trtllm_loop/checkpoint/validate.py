@@ -86,9 +86,9 @@ def check(ckpt: str | Path) -> list[Finding]:
     findings = validate(ckpt)
     errors = [f for f in findings if f.level == ERROR]
     if errors:
-        more = (f" (and {len(errors) - 1} more error(s): `trtllm-loop validate {ckpt}` lists them all)"
-                if len(errors) > 1 else "")
-        raise UserError(f"{ckpt}: checkpoint failed validation: {str(errors[0]).removeprefix('error: ')}{more}")
+        n = f" ({len(errors)} errors)" if len(errors) > 1 else ""  # one line, every error (`validate` lists them)
+        raise UserError(f"{ckpt}: checkpoint failed validation{n}: " +
+                        "; ".join(str(f).removeprefix("error: ") for f in errors))
     return findings
 
 
