@@ -7,7 +7,7 @@ when everything succeeded (:func:`atomic_dir` for directories, :func:`atomic_fil
   time). An existing output is refused unless ``force`` (``--force``), and ``force`` replaces only a directory
   holding that marker (or an empty one): never a directory with other content, never a symbolic link, never
   ``/``, the home directory, the current directory or one of its parents, nor a ``protect``-ed path (the input
-  checkpoint), a parent of it or a path inside it.
+  checkpoint), a parent of it or (for a directory output) a path inside it.
 * **Interrupted runs.** The temp dir is ``.<name>.trtllm-loop-tmp-<pid>-<random>`` and its marker is held
   under an exclusive ``flock`` while the command runs (the kernel drops the lock when the process dies, even
   on ``kill -9``). Each run removes, in the directory it writes into, the temp dirs of this tool that are not
@@ -77,8 +77,9 @@ def clean_stale(parent: Path, log: Callable[[str], None] | None = None) -> list[
     return removed
 
 
-def _protected(out: Path, protect: tuple) -> str | None:
-    """Why ``out`` must never be replaced, or None."""
+def _protected(out: Path, protect: tuple, nested: bool = True) -> str | None:
+    """Why ``out`` must never be replaced, or None; ``nested``: a directory output may not lie inside a
+    ``protect``-ed path either (a single output file, such as a .npy, may)."""
     try:
         r = out.resolve()
     except OSError:
@@ -98,7 +99,7 @@ def _protected(out: Path, protect: tuple) -> str | None:
             return "it is the input checkpoint"
         if r in pr.parents:
             return f"it contains the input {pr}"
-        if pr in r.parents:  # a checkpoint nested in its source: `--force` on the source would delete it
+        if nested and pr in r.parents:  # a checkpoint nested in its source: `--force` on the source would delete it
             return f"it is inside the input {pr}"
     return None
 
@@ -108,7 +109,7 @@ def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_fi
     if out.is_symlink():
         raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); trtllm-loop never replaces a link: "
                         "give the directory it points to, or another path")
-    why = _protected(out, protect)
+    why = _protected(out, protect, nested=own_file is None)
     if why:
         raise UserError(f"{out}: refusing to write here, {why}; choose a new output path")
     if not out.exists():
