@@ -104,12 +104,13 @@ def _protected(out: Path, protect: tuple, nested: bool = True) -> str | None:
     return None
 
 
-def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_file=None) -> None:
+def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_file=None,
+                       nested: bool = True) -> None:
     """Raise UserError unless writing ``out`` may replace what is there (see the module docstring)."""
     if out.is_symlink():
         raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); trtllm-loop never replaces a link: "
                         "give the directory it points to, or another path")
-    why = _protected(out, protect, nested=own_file is None)
+    why = _protected(out, protect, nested=nested and own_file is None)
     if why:
         raise UserError(f"{out}: refusing to write here, {why}; choose a new output path")
     if not out.exists():
@@ -132,9 +133,9 @@ def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_fi
 
 
 def check_output(out: str | Path, force: bool = False, hint: str = "choose a new path or pass --force",
-                 protect: tuple = (), own_file: Callable[[Path], bool] | None = None) -> None:
+                 protect: tuple = (), own_file: Callable[[Path], bool] | None = None, nested: bool = True) -> None:
     """Fail fast (before hours of work) if :func:`atomic_dir` / :func:`atomic_file` would refuse ``out``."""
-    _check_replaceable(Path(out), force, hint, protect, own_file)
+    _check_replaceable(Path(out), force, hint, protect, own_file, nested)
 
 
 @contextmanager
@@ -162,16 +163,17 @@ def _temp_dir(out: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False,
-               hint: str = "choose a new directory or pass --force", protect: tuple = ()) -> Iterator[Path]:
+               hint: str = "choose a new directory or pass --force", protect: tuple = (),
+               nested: bool = True) -> Iterator[Path]:
     """``with atomic_dir(OUT) as tmp:`` write into ``tmp``; on success it becomes OUT (with the ownership
     marker), on error it vanishes. An existing non-empty OUT is refused (with ``hint``) unless ``overwrite``,
     and even then replaced only when it is trtllm-loop's own output; ``protect``: paths (the input checkpoint)
-    that OUT must not be, nor contain."""
+    that OUT must not be, nor contain, nor (``nested``) lie inside."""
     out = Path(out)
-    _check_replaceable(out, overwrite, hint, protect)
+    _check_replaceable(out, overwrite, hint, protect, nested=nested)
     with _temp_dir(out) as tmp:
         yield tmp
-        _check_replaceable(out, overwrite, hint, protect)  # nothing appeared meanwhile
+        _check_replaceable(out, overwrite, hint, protect, nested=nested)  # nothing appeared meanwhile
         old = None
         if out.exists():
             old = out.parent / f"{tmp.name}.old"
