@@ -495,3 +495,164 @@ def test_atomic_dir_rechecks_before_replacing(tmp_path):
             out.mkdir()
             (out / "theirs").write_text("y")
     assert (out / "theirs").read_text() == "y" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------ 5. the new commands
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: a connect is refused
+    return port
+
+
+def test_bench_unreachable_endpoint_is_one_error_before_any_request(tmp_path, capsys):
+    port = _closed_port()
+    out = tmp_path / "b"
+    rc, err = run_cli(capsys, "bench", "--endpoint", "openai", f"http://127.0.0.1:{port}", "--model", "m",
+                      "--out", out)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"error: --endpoint openai http://127.0.0.1:{port}: cannot connect to 127.0.0.1:{port} " \
+           "(ConnectionRefusedError" in err and "start the server" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kind,url,msg", [
+    ("triton-grpc", "127.0.0.1", "Triton gRPC needs host:port"),
+    ("openai", "http://127.0.0.1:notaport", "the port is not a number"),
+    ("triton-http", "http://:8000", "no host"),
+    ("nope", "127.0.0.1:1", "endpoint 'nope' unknown; allowed: openai, triton-grpc, triton-http"),
+])
+def test_bench_malformed_urls_name_the_flag(tmp_path, capsys, kind, url, msg):
+    rc, err = run_cli(capsys, "bench", "--endpoint", kind, url, "--model", "m", "--out", tmp_path / "b")
+    assert rc == 2 and f"error: --endpoint {kind} {url}: " in err and msg in err, err
+
+
+def test_bench_prompts_file_without_prompt_field(tmp_path, capsys):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    rc, err = run_cli(capsys, "bench", "--endpoint", "openai", "http://127.0.0.1:1", "--model", "m",
+                      "--prompts", p, "--out", tmp_path / "b")
+    assert rc == 2 and f"error: --prompts {p}: {p}:2: expected an object with a 'prompt' string" in err, err
+
+
+def test_bench_stops_after_a_level_where_every_request_failed():
+    from trtllm_loop.serving import bench
+
+    t = bench.Target("openai", f"http://127.0.0.1:{_closed_port()}", "m", timeout=5)
+    res = bench.run_bench(t, ["x"], bench.BenchConfig([1, 4, 16], num_requests=2, output_len=2))
+    assert [lv["concurrency"] for lv in res["levels"]] == [1]
+    assert res["levels"][0]["errors"] == 2 and "ConnectionRefusedError" in res["levels"][0]["error_messages"][0]
+
+
+@pytest.mark.parametrize("spec", ["ngram:", "ngram:0", "ngram:x", "draft:", "draft:somewhere:", "draft:x:0",
+                                  "draft:x:17", "eagle"])
+def test_malformed_speculative_specs_fail_before_the_model_loads(tmp_path, capsys, spec):
+    """The spec is checked first: the (missing) checkpoint is never read."""
+    rc, err = run_cli(capsys, "generate", tmp_path / "missing", "--prompt-ids", "1,2", "--speculative", spec)
+    assert rc == 2 and err.startswith(f"error: --speculative: speculative spec {spec!r}: ") and \
+        err.count("\n") == 1, err
+
+
+def test_speculative_draft_errors_name_the_draft(ck, tmp_path, capsys):
+    rc, err = run_cli(capsys, "generate", ck, "--prompt-ids", "1,2", "--speculative", f"draft:{tmp_path}/none")
+    assert rc == 2 and f"error: --speculative: {tmp_path}/none: not found" in err
+    other = tmp_path / "other"
+    assert cli("synth", other, "--preset", "tiny", "--no-tokenizer", "--dtype", "float32") == 0
+    v_other = json.loads((other / "config.json").read_text())["vocab_size"]
+    v_ck = json.loads((ck / "config.json").read_text())["vocab_size"]
+    assert v_other != v_ck
+    rc, err = run_cli(capsys, "generate", ck, "--prompt-ids", "1,2", "--speculative", f"draft:{other}:2")
+    assert rc == 2 and f"vocab_size {v_other} differs from the target's {v_ck}" in err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (("--calib", "{tmp}"), "error: {tmp}: --calib cannot be read (Is a directory)"),
+    (("--seq-len", "1"), "error: --seq-len 1: a calibration sample needs at least 2 tokens"),
+    (("--calib", "builtin"), "needs the checkpoint's tokenizer, which does not load"),  # ck has no tokenizer
+])
+def test_quantize_calibration_mistakes_are_one_line(ck, tmp_path, capsys, extra, msg):
+    out = tmp_path / "q"
+    rc, err = run_cli(capsys, "quantize", ck, out, "--qformat", "fp8", "--num-samples", "2",
+                      *[a.format(tmp=tmp_path) for a in extra])
+    assert rc == 2 and msg.format(tmp=tmp_path) in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_gate_plugin_that_is_not_a_library(tmp_path):
+    from trtllm_loop.trtllm.engine.plugin_lib import check_plugin_sm
+
+    lib = tmp_path / "libloop_gate.so"
+    lib.write_text("{}")
+    with pytest.raises(UserError, match=r"--gate-plugin .*: not a shared library \(no ELF header\)"):
+        check_plugin_sm(lib, 100, "b200.yaml")
+
+
+def test_trtllm_checkpoint_mistakes_are_one_line(ck, tmp_path, capsys):
+    """A TRT-LLM checkpoint where an HF one is needed, and a truncated rank file, name the file and the fix."""
+    tc = tmp_path / "tc"
+    assert cli("convert", ck, tc, "--to", "trtllm-ckpt") == 0
+    for args in (("convert", tc, tmp_path / "o", "--to", "trtllm-ckpt"),
+                 ("quantize", tc, tmp_path / "o", "--qformat", "fp8", "--num-samples", "1")):
+        rc, err = run_cli(capsys, *args)
+        assert rc == 2 and err.count("\n") == 1 and f"{tc}/config.json: a TensorRT-LLM checkpoint" in err and \
+            "give the HF checkpoint it was converted from" in err, err
+    max_pos = json.loads((ck / "config.json").read_text())["max_position_embeddings"]
+    bc = tmp_path / "b200.yaml"
+    bc.write_text((REPO / "build_configs/b200.yaml").read_text().replace("max_seq_len: 32768",
+                                                                        f"max_seq_len: {max_pos}"))
+    rank0 = tc / "rank0.safetensors"
+    rank0.write_bytes(rank0.read_bytes()[:100])
+    for args in (("logits", tc, "--ids", tmp_path / "a.json", "--mode", "engine", "--out", tmp_path / "o.npy"),
+                 ("build", tc, "--backend", "tensorrt", "--config", bc, "--out", tmp_path / "o")):
+        rc, err = run_cli(capsys, *args)
+        assert rc == 2 and f"error: {rank0}: cannot read the safetensors header" in err, (args, err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.npy").exists()
+
+
+def test_a_failed_validation_is_one_line(ck, tmp_path, capsys):
+    sd = raw_header(ck / "model.safetensors")
+    (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:len(sd[1]) // 2])
+    rc, err = run_cli(capsys, "convert", ck, tmp_path / "o", "--to", "trtllm-ckpt")
+    assert rc == 2 and err.count("\n") == 1 and f"error: {ck}: checkpoint failed validation: " in err, err
+
+
+@pytest.mark.parametrize("work,out,msg", [
+    ("q", "q", "overlaps the output"),
+    ("w", "w/q", "overlaps the output"),       # was: OUT written, then deleted with the spill
+    ("q/w", "q", "overlaps the output"),
+    ("ck/w", "q", "is inside the source checkpoint"),
+    ("a.json", "q", "exists and is not a directory"),
+])
+def test_quantize_work_dir_never_overlaps_output_or_source(ck, tmp_path, capsys, work, out, msg):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"input_ids": [1, 2, 3, 4]}\n' * 2)
+    before = tree(ck)
+    rc, err = run_cli(capsys, "quantize", ck, tmp_path / out, "--qformat", "fp8", "--mode", "streamed",
+                      "--calib", calib, "--num-samples", "2", "--work-dir", tmp_path / work)
+    assert rc == 2 and f"error: --work-dir {tmp_path / work}: {msg}" in err, err
+    assert not (tmp_path / out).exists() and tree(ck) == before
+    assert (tmp_path / work).is_file() or not (tmp_path / work).exists()
+
+
+def test_an_output_inside_the_input_checkpoint_is_refused(ck, tmp_path, capsys):
+    """A checkpoint nested in its source: a later `--force` on the source would delete it with it."""
+    before = tree(ck)
+    for args in (("convert", ck, ck / "o", "--to", "bf16"), ("convert", ck, ck / "o", "--to", "trtllm-ckpt"),
+                 ("quantize", ck, ck / "o", "--qformat", "fp8"),
+                 ("logits", ck, "--ids", tmp_path / "a.json", "--ids", tmp_path / "b.json", "--out", ck / "o")):
+        rc, err = run_cli(capsys, *args)
+        assert rc == 2 and f"refusing to write here, it is inside the input {ck.resolve()}" in err, (args, err)
+    assert tree(ck) == before
+    assert cli("logits", ck, "--ids", tmp_path / "a.json", "--out", ck / "o.npy") == 0  # a single file may
+
+
+def test_logits_engine_tp_must_match_a_converted_checkpoint(ck, tmp_path, capsys):
+    tc = tmp_path / "tc"
+    assert cli("convert", ck, tc, "--to", "trtllm-ckpt") == 0
+    rc, err = run_cli(capsys, "logits", tc, "--ids", tmp_path / "a.json", "--mode", "engine", "--tp", "2",
+                      "--out", tmp_path / "o.npy")
+    assert rc == 2 and f"error: --tp 2: {tc} already holds 1 rank(s); drop --tp" in err, err
+    assert not (tmp_path / "o.npy").exists()

@@ -29,8 +29,9 @@ file, field or flag and the fix, and exits 2; nothing is left half-written. --de
 variable TRTLLM_LOOP_DEBUG=1) shows the Python traceback instead, for bug reports.
 
 outputs: a command refuses to write over an existing non-empty output unless --force, and --force replaces
-only an output trtllm-loop wrote itself (it carries a .trtllm-loop-output marker). Temporary directories
-left by an interrupted run (.NAME.trtllm-loop-tmp-*) are removed by the next run writing next to them.
+only an output trtllm-loop wrote itself (it carries a .trtllm-loop-output marker); nothing is written inside
+the input checkpoint. Temporary directories left by an interrupted run (.NAME.trtllm-loop-tmp-*) are removed
+by the next run writing next to them.
 """
 DEBUG_ENV = "TRTLLM_LOOP_DEBUG"
 

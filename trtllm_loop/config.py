@@ -116,6 +116,10 @@ class LoopConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
+        if mt is None and "architecture" in d and "mapping" in d:  # what `convert --to trtllm-ckpt` writes
+            raise ConfigError(f"{source}: a TensorRT-LLM checkpoint (field 'architecture' {d['architecture']!r}, "
+                              "'mapping'), not a Hugging Face one; give the HF checkpoint it was converted from "
+                              "(`build --backend tensorrt` and `logits --mode engine` take this one)")
         if mt != MODEL_TYPE:
             raise ConfigError(f"{source}: field 'model_type' is {mt!r}; allowed: {MODEL_TYPE!r} "
                               "(IQuest-Coder-V1 Loop checkpoints only)")

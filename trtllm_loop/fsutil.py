@@ -7,7 +7,7 @@ when everything succeeded (:func:`atomic_dir` for directories, :func:`atomic_fil
   time). An existing output is refused unless ``force`` (``--force``), and ``force`` replaces only a directory
   holding that marker (or an empty one): never a directory with other content, never a symbolic link, never
   ``/``, the home directory, the current directory or one of its parents, nor a ``protect``-ed path (the input
-  checkpoint) or a parent of it.
+  checkpoint), a parent of it or (for a directory output) a path inside it.
 * **Interrupted runs.** The temp dir is ``.<name>.trtllm-loop-tmp-<pid>-<random>`` and its marker is held
   under an exclusive ``flock`` while the command runs (the kernel drops the lock when the process dies, even
   on ``kill -9``). Each run removes, in the directory it writes into, the temp dirs of this tool that are not
@@ -77,8 +77,9 @@ def clean_stale(parent: Path, log: Callable[[str], None] | None = None) -> list[
     return removed
 
 
-def _protected(out: Path, protect: tuple) -> str | None:
-    """Why ``out`` must never be replaced, or None."""
+def _protected(out: Path, protect: tuple, nested: bool = True) -> str | None:
+    """Why ``out`` must never be replaced, or None; ``nested``: a directory output may not lie inside a
+    ``protect``-ed path either (a single output file, such as a .npy, may)."""
     try:
         r = out.resolve()
     except OSError:
@@ -98,15 +99,18 @@ def _protected(out: Path, protect: tuple) -> str | None:
             return "it is the input checkpoint"
         if r in pr.parents:
             return f"it contains the input {pr}"
+        if nested and pr in r.parents:  # a checkpoint nested in its source: `--force` on the source would delete it
+            return f"it is inside the input {pr}"
     return None
 
 
-def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_file=None) -> None:
+def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_file=None,
+                       nested: bool = True) -> None:
     """Raise UserError unless writing ``out`` may replace what is there (see the module docstring)."""
     if out.is_symlink():
         raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); trtllm-loop never replaces a link: "
                         "give the directory it points to, or another path")
-    why = _protected(out, protect)
+    why = _protected(out, protect, nested=nested and own_file is None)
     if why:
         raise UserError(f"{out}: refusing to write here, {why}; choose a new output path")
     if not out.exists():
@@ -129,9 +133,9 @@ def _check_replaceable(out: Path, force: bool, hint: str, protect: tuple, own_fi
 
 
 def check_output(out: str | Path, force: bool = False, hint: str = "choose a new path or pass --force",
-                 protect: tuple = (), own_file: Callable[[Path], bool] | None = None) -> None:
+                 protect: tuple = (), own_file: Callable[[Path], bool] | None = None, nested: bool = True) -> None:
     """Fail fast (before hours of work) if :func:`atomic_dir` / :func:`atomic_file` would refuse ``out``."""
-    _check_replaceable(Path(out), force, hint, protect, own_file)
+    _check_replaceable(Path(out), force, hint, protect, own_file, nested)
 
 
 @contextmanager
@@ -159,16 +163,17 @@ def _temp_dir(out: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False,
-               hint: str = "choose a new directory or pass --force", protect: tuple = ()) -> Iterator[Path]:
+               hint: str = "choose a new directory or pass --force", protect: tuple = (),
+               nested: bool = True) -> Iterator[Path]:
     """``with atomic_dir(OUT) as tmp:`` write into ``tmp``; on success it becomes OUT (with the ownership
     marker), on error it vanishes. An existing non-empty OUT is refused (with ``hint``) unless ``overwrite``,
     and even then replaced only when it is trtllm-loop's own output; ``protect``: paths (the input checkpoint)
-    that OUT must not be, nor contain."""
+    that OUT must not be, nor contain, nor (``nested``) lie inside."""
     out = Path(out)
-    _check_replaceable(out, overwrite, hint, protect)
+    _check_replaceable(out, overwrite, hint, protect, nested=nested)
     with _temp_dir(out) as tmp:
         yield tmp
-        _check_replaceable(out, overwrite, hint, protect)  # nothing appeared meanwhile
+        _check_replaceable(out, overwrite, hint, protect, nested=nested)  # nothing appeared meanwhile
         old = None
         if out.exists():
             old = out.parent / f"{tmp.name}.old"

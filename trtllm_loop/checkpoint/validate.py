@@ -86,8 +86,9 @@ def check(ckpt: str | Path) -> list[Finding]:
     findings = validate(ckpt)
     errors = [f for f in findings if f.level == ERROR]
     if errors:
-        raise UserError(f"{ckpt}: checkpoint failed validation ({len(errors)} error(s)):\n  " +
-                        "\n  ".join(str(f) for f in errors))
+        n = f" ({len(errors)} errors)" if len(errors) > 1 else ""  # one line, every error (`validate` lists them)
+        raise UserError(f"{ckpt}: checkpoint failed validation{n}: " +
+                        "; ".join(str(f).removeprefix("error: ") for f in errors))
     return findings
 
 

@@ -17,7 +17,8 @@ p99) and errors. The same requests go to any of
   triton-grpc URL   Triton gRPC streaming (host:port, e.g. 127.0.0.1:8001), model ensemble or tensorrt_llm_bls
   triton-http URL   Triton's HTTP generate_stream (host:port, e.g. 127.0.0.1:8000)
 Each level runs --num-requests requests (default 4 x concurrency, at least 8), or for --duration seconds,
-whichever ends first; every request has a --timeout. Greedy sampling; outputs may end early at an end id
+whichever ends first; every request has a --timeout. The endpoint is probed first (a TCP connect, at most
+10 s): an unreachable one is one error, not a timeout per request; a level where every request fails ends the run. Greedy sampling; outputs may end early at an end id
 (--ignore-eos asks the server not to: end_id -1 on Triton, ignore_eos on trtllm-serve).
 
 Writes OUT/results.json (every request's timings, the per-level summary), OUT/summary.md (the table) and
@@ -92,11 +93,20 @@ def run(args) -> int:
     kind, url = args.endpoint
     try:
         target = bench.Target(kind, url, args.model, timeout=args.timeout, ignore_eos=args.ignore_eos)
-        n = args.num_requests or max(8, 4 * max(args.concurrency))
+    except ValueError as e:
+        raise UserError(f"--endpoint {kind} {url}: {e}") from None
+    n = args.num_requests or max(8, 4 * max(args.concurrency))
+    try:
         prompts = (bench.synthetic_prompts(n, args.input_len, args.seed) if args.prompts == "synthetic"
                    else bench.load_prompts(args.prompts))
     except (ValueError, OSError) as e:
-        raise UserError(f"--endpoint/--prompts: {e}") from None
+        raise UserError(f"--prompts {args.prompts}: {e}") from None
+    try:
+        bench.probe(target)
+    except OSError as e:
+        host, port = target.address()
+        raise UserError(f"--endpoint {kind} {url}: cannot connect to {host}:{port} ({type(e).__name__}: {e}); "
+                        "start the server (e.g. `trtllm-loop serve REPO --openai-port N`) or fix the URL") from None
     from tqdm import tqdm
 
     def bar(c, total):

@@ -6,6 +6,27 @@ import argparse
 from trtllm_loop.commands.argtypes import add_force, positive_int
 
 
+EXAMPLES = """\
+examples:
+  trtllm-loop build nvfp4/ --config build_configs/b200.yaml --out deploy/            # trtllm-serve / Triton llmapi
+  trtllm-loop build nvfp4/ --config build_configs/b200.yaml --out deploy/ --speculative ngram:4
+  trtllm-loop build fp8/ --config build_configs/h200-fp8.yaml --out deploy/ --speculative draft:small-fp8/:4
+  make plugins && trtllm-loop build nvfp4/ --backend tensorrt --config build_configs/b200.yaml \\
+      --out engines/ --gate-plugin build/plugins                                       # Triton tensorrtllm
+  trtllm-loop convert bf16/ ckpt-tp2/ --to trtllm-ckpt --tp 2 && \\
+      trtllm-loop build ckpt-tp2/ --backend tensorrt --config build_configs/b200.yaml --out engines-tp2/
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after each option; the description wrapped, the examples (epilog) kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="write a TensorRT-LLM deploy directory (PyTorch backend) or engine directory (TensorRT)",
@@ -17,7 +38,7 @@ def register(subparsers) -> None:
                     "engine per rank (on the API double where TensorRT-LLM is absent), and writes the runtime "
                     "config (CUDA graphs, KV fraction, window vector), the gate plugin library (--gate-plugin) and "
                     "the Triton tensorrtllm (C++ backend) repository with an LD_PRELOAD launcher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXAMPLES, formatter_class=_Formatter)
     p.add_argument("ckpt", help="checkpoint directory (HF layout; dense, ModelOpt NVFP4 or FP8)")
     p.add_argument("--backend", choices=["pytorch", "tensorrt"], default="pytorch",
                    help="pytorch: LLM API deploy directory (recommended); tensorrt: TensorRT engines (TRT-LLM 1.2.x)")

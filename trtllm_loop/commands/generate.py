@@ -77,13 +77,20 @@ def load_tokenizer(ckpt: str):
 
         return AutoTokenizer.from_pretrained(ckpt)
     except Exception as e:
-        raise UserError(f"{ckpt}: no usable tokenizer ({type(e).__name__}: {e}); use --prompt-ids, or add "
+        raise UserError(f"{ckpt}: no usable tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:200]}); use --prompt-ids, or add "
                         "tokenizer files (tokenizer.model + tokenizer_config.json)") from None
 
 
 def run(args) -> int:
     from trtllm_loop.runtime import LoopRuntime, SamplingParams
 
+    if args.speculative:  # a malformed spec fails before any model is loaded
+        from trtllm_loop.runtime.speculative import parse_spec
+
+        try:
+            parse_spec(args.speculative)
+        except ValueError as e:
+            raise UserError(f"--speculative: {e}") from None
     tok = None
     if args.prompt:
         tok = load_tokenizer(args.ckpt)

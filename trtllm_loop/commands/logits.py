@@ -24,8 +24,10 @@ Compute float32 logits for every position of every sequence, with one of the pro
 With one --ids, OUT is a .npy of shape [T, V]; with several, OUT is a directory of 0.npy, 1.npy, ...
 An --ids file holds a JSON list of token ids (or a list of such lists).
 
-example:
+examples:
   trtllm-loop logits CKPT --ids a.json --ids b.json --mode paged --chunk 5 --tokens-per-block 4 --out out/
+  trtllm-loop logits ckpt-tp2/ --ids a.json --mode engine --out a.npy        # a TRT-LLM checkpoint (convert)
+  trtllm-loop logits engines/ --ids a.json --mode engine --prefill-len 1 --out a.npy   # built engines
 """
 
 

@@ -49,7 +49,7 @@ def _tokenizer(ckpt: Path, why: str):
         return AutoTokenizer.from_pretrained(str(ckpt))
     except Exception as e:
         raise UserError(f"{ckpt}: {why} needs the checkpoint's tokenizer, which does not load ({type(e).__name__}: "
-                        f"{str(e)[:120]}); add the tokenizer files, or give --calib FILE.jsonl with "
+                        f"{' '.join(str(e).split())[:120]}); add the tokenizer files, or give --calib FILE.jsonl with "
                         '{"input_ids": [...]} lines') from None
 
 
@@ -58,6 +58,8 @@ def _records(path: Path) -> list[tuple[str, dict]]:
         lines = path.read_bytes().decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"{path}: --calib file not found (give a JSONL file, or 'builtin')") from None
+    except OSError as e:
+        raise UserError(f"{path}: --calib cannot be read ({e.strerror or e}); give a JSONL file, or 'builtin'") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 (byte {e.start}); --calib expects JSONL text") from None
     recs = []
@@ -80,6 +82,9 @@ def calibration_samples(spec: str, ckpt: str | Path, vocab_size: int, num_sample
                         held_out: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """-> (calibration samples, held-out samples), token ids cut to ``seq_len``."""
     ckpt = Path(ckpt)
+    if seq_len < MIN_TOKENS:
+        raise UserError(f"--seq-len {seq_len}: a calibration sample needs at least {MIN_TOKENS} tokens (one token "
+                        "exercises no attention); pass --seq-len 2 or more")
     need = num_samples + held_out
     if spec == BUILTIN:
         recs = [(f"builtin:{rel}", {"text": text}) for rel, text in builtin_texts(need)]

@@ -75,6 +75,19 @@ def _same_fs(a: Path, b: Path) -> bool:
     return _existing(a).stat().st_dev == _existing(b).stat().st_dev
 
 
+def check_work_dir(work: Path, out: Path, src: Path) -> None:
+    """The streamed mode's spill must not share a tree with OUT (the spill is deleted once OUT is written, and
+    OUT must hold only the checkpoint) nor live inside the source checkpoint."""
+    w, o, s = (p.resolve() for p in (work, out, src))
+    if w == o or o in w.parents or w in o.parents:
+        raise UserError(f"--work-dir {work}: overlaps the output {out} (the spill is deleted once the output is "
+                        "written); give a directory outside it, e.g. the default next to OUT")
+    if w == s or s in w.parents:
+        raise UserError(f"--work-dir {work}: is inside the source checkpoint {src}; give a directory outside it")
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--work-dir {work}: exists and is not a directory; give a directory")
+
+
 def quantize(src: str | Path, out: str | Path, qformat: str = "nvfp4", kv_cache: str = "none",
              calib: str = "builtin", num_samples: int = 512, seq_len: int = 512, mode: str = "auto",
              work_dir: str | Path | None = None, report: bool = False, report_samples: int = 4,
@@ -102,6 +115,8 @@ def quantize(src: str | Path, out: str | Path, qformat: str = "nvfp4", kv_cache:
                         f"({cfg.num_parameters() * 4 / 2**30:.1f} GB), more than the {ram / 2**30:.1f} GB of RAM available; quantize without --report and run "
                         "`trtllm-loop eval-quant` where the model fits")
     work = Path(work_dir) if work_dir else stream.work_dir_for(out)
+    if streamed:
+        check_work_dir(work, out, src)
     spill = stream.spill_bytes(cfg, qformat, kv_fp8, dtype, samples) if streamed else None
     _check_disk(out, work if streamed else None, output_bytes(specs), spill)
 

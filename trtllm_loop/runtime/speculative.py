@@ -177,16 +177,18 @@ class DraftProposer:
 
 def parse_spec(spec: str) -> tuple[str, str | None, int]:
     """``ngram[:K]`` | ``draft:PATH[:K]`` -> (kind, path, K); K defaults to 4."""
-    kind, _, rest = spec.partition(":")
+    kind, sep, rest = spec.partition(":")
     k = 4
     if kind == "ngram":
-        if rest:
+        if sep:
             k = int(rest) if rest.isdigit() else -1
         path = None
     elif kind == "draft" and rest:
         path, _, tail = rest.rpartition(":")
         if path and tail.isdigit():
             k = int(tail)
+        elif path and tail == "":
+            k = -1                  # draft:PATH: (an empty K)
         else:
             path = rest
     else:

@@ -49,6 +49,29 @@ class Target:
     def __post_init__(self):
         if self.kind not in ENDPOINTS:
             raise ValueError(f"endpoint {self.kind!r} unknown; allowed: {', '.join(ENDPOINTS)}")
+        self.address()
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the URL; ValueError naming what is wrong (every driver connects there)."""
+        u = urlparse(self.url if "://" in self.url else f"http://{self.url}")
+        try:
+            port = u.port
+        except ValueError:
+            raise ValueError(f"URL {self.url!r}: the port is not a number in 0..65535") from None
+        if not u.hostname:
+            raise ValueError(f"URL {self.url!r}: no host; e.g. http://127.0.0.1:9000 or 127.0.0.1:8001")
+        if port is None and self.kind == "triton-grpc":
+            raise ValueError(f"URL {self.url!r}: Triton gRPC needs host:port, e.g. 127.0.0.1:8001")
+        return u.hostname, port or 80
+
+
+def probe(t: Target, timeout: float = 10.0) -> None:
+    """A TCP connect to the target within ``timeout`` seconds: an unreachable endpoint fails here, once,
+    instead of once per request with the full request timeout. OSError (refused, unknown host, timeout)."""
+    import socket
+
+    host, port = t.address()
+    socket.create_connection((host, port), timeout=min(timeout, t.timeout)).close()
 
 
 def synthetic_prompts(n: int, input_len: int, seed: int = 0) -> list[str]:
@@ -65,7 +88,13 @@ def load_prompts(path: str | Path) -> list[str]:
         data = json.loads(text)
         prompts = data if isinstance(data, list) else None
     elif p.suffix == ".jsonl":
-        prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+        prompts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                r = json.loads(line)
+                if not isinstance(r, dict) or "prompt" not in r:
+                    raise ValueError(f"{path}:{i}: expected an object with a 'prompt' string")
+                prompts.append(r["prompt"])
     else:
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts or not all(isinstance(s, str) and s for s in prompts):
@@ -274,6 +303,8 @@ def run_bench(t: Target, prompts: list[str], cfg: BenchConfig, progress_factory=
                                 progress=(lambda s, b=bar: b.update(1)) if bar else None))
         if bar:
             bar.close()
+        if levels[-1]["requests"] and not levels[-1]["completed"]:
+            break  # every request failed: higher concurrency would only repeat the error
     return {"endpoint": t.kind, "url": t.url, "model": t.model, "output_len": cfg.output_len,
             "num_prompts": len(prompts), "duration": cfg.duration, "levels": levels}
 

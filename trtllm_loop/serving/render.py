@@ -165,7 +165,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                         f"({tokens_per_block}) must be positive")
     if int(host_cache_size) < 0:
         raise UserError(f"host_cache_size ({host_cache_size}): must be >= 0 bytes")
-    check_output(out, overwrite, protect=(model_dir, tok_dir))
+    check_output(out, overwrite, protect=(model_dir, tok_dir), nested=False)  # a deploy dir holds its repository
     windows = cfg.slot_windows(max_seq_len)
 
     def served(p: Path) -> str:
@@ -226,7 +226,7 @@ def render_repository(flavour: str, model_dir: str | Path, out_dir: str | Path, 
                          {"tensorrtllm": None, "llmapi": MODELS_SRC / "llmapi.py",
                           "reference": MODELS_SRC / "reference.py"}[flavour]),
     }
-    with atomic_dir(out, overwrite, protect=(model_dir, tok_dir)) as tmp:
+    with atomic_dir(out, overwrite, protect=(model_dir, tok_dir), nested=False) as tmp:
         for name, (config_tpl, src) in models.items():
             d = tmp / name
             (d / "1").mkdir(parents=True)

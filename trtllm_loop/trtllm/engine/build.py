@@ -44,7 +44,7 @@ def _source(ckpt: Path, tp: int | None, bc):
     """(kind, LoopConfig, weight format, tp) of an HF or TRT-LLM checkpoint."""
     from trtllm_loop.trtllm.deploy.formats import weight_format
     from trtllm_loop.trtllm.engine.config import loop_config_of
-    from trtllm_loop.trtllm.engine.runner import kind_of
+    from trtllm_loop.trtllm.engine.runner import kind_of, world_size
 
     kind = kind_of(ckpt)
     if kind in ("engine", "engine-dir"):
@@ -54,7 +54,8 @@ def _source(ckpt: Path, tp: int | None, bc):
         return kind, cfg, weight_format(ckpt, cfg), tp or bc.tensor_parallel_size
     d = json.loads((ckpt / "config.json").read_text())
     cfg = loop_config_of(d)
-    fmt = FORMAT_OF.get((d.get("quantization") or {}).get("quant_algo")) or DENSE_OF.get(d["dtype"], "bf16")
+    world_size(ckpt, kind)  # every rank file there, with a readable header
+    fmt = FORMAT_OF.get((d.get("quantization") or {}).get("quant_algo")) or DENSE_OF.get(d.get("dtype"), "bf16")
     tp_ck = int(d.get("mapping", {}).get("tp_size", 1))
     if tp not in (None, tp_ck):
         raise UserError(f"--tp {tp}: {ckpt} is a TRT-LLM checkpoint of tp {tp_ck}; convert the HF checkpoint again "

@@ -33,6 +33,10 @@ def cuda_archs(lib: str | Path) -> dict[str, set[int]]:
 
 def check_plugin_sm(lib: str | Path, sm: int, where: str) -> None:
     """Refuse a plugin library that has no code for SM ``sm``, naming the SMs it has and the fix."""
+    with open(lib, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise UserError(f"--gate-plugin {lib}: not a shared library (no ELF header); give the libloop_gate "
+                            "plugin .so that `make plugins` builds into build/plugins/")
     archs = cuda_archs(lib)
     if sm in archs["sass"] or any(p <= sm for p in archs["ptx"]):
         return

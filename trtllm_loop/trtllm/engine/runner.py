@@ -113,8 +113,12 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
 
             convert_trtllm(src, Path(tmp) / "ckpt", tp=tp_size, dtype=dtype)
             src, kind = Path(tmp) / "ckpt", "trtllm-ckpt"
+        n = world_size(src, kind)
+        if tp_size not in (1, n):  # --tp converts an HF checkpoint; a converted or built one has its own
+            raise UserError(f"--tp {tp_size}: {src} already holds {n} rank(s); drop --tp, or convert the HF "
+                            f"checkpoint again with `trtllm-loop convert SRC OUT --to trtllm-ckpt --tp {tp_size}`")
         if kind == "engine":
-            loaded = [load_engine(str(src), r) for r in range(_world_size(src, "engine"))]
+            loaded = [load_engine(str(src), r) for r in range(n)]
             models = [m for m, _ in loaded]
             bc = loaded[0][1].build_config
             pc, max_seq_len, gather = bc.plugin_config, bc.max_seq_len, bool(bc.gather_context_logits)
@@ -122,7 +126,6 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
                 raise UserError(f"a sequence of {max(len(s) for s in seqs)} tokens exceeds the engine's max_seq_len "
                                 f"{max_seq_len}; rebuild with a larger max_seq_len")
         else:
-            n = _world_size(src, "trtllm-ckpt")
             models = []
             for r in range(n):
                 config = PretrainedConfig.from_json_file(str(src / "config.json"))
@@ -143,11 +146,16 @@ def run_logits(src, seqs: list[list[int]], *, dtype: str = "float32", tokens_per
                      gather_context_logits=gather)
 
 
-def _world_size(path: Path, kind: str) -> int:
+def world_size(path: Path, kind: str) -> int:
     d = json.loads((path / "config.json").read_text())
     mapping = (d["pretrained_config"] if kind == "engine" else d).get("mapping", {})
     n = int(mapping.get("world_size", 1))
     missing = [r for r in range(n) if not (path / f"rank{r}.{'engine' if kind == 'engine' else 'safetensors'}").is_file()]
     if missing:
         raise UserError(f"{path}: world_size {n} but rank file(s) {missing} are missing")
+    if kind != "engine":  # a truncated or corrupt rank file: one line naming it, before TRT-LLM's loader reads it
+        from trtllm_loop.checkpoint.safetensors_io import read_header
+
+        for r in range(n):
+            read_header(path / f"rank{r}.safetensors")
     return n
