@@ -410,7 +410,9 @@ def test_absurd_sizes_fail_fast(ck, tmp_path, capsys):
             rc, text = run_cli(capsys, *args)
             dt = time.perf_counter() - t
             assert rc in (1, 2) and f"field {field!r} is {v}, above the supported maximum" in text, text
-            assert dt < 0.5, (args, dt)
+            # refused before anything is sized or allocated: far below what building a 10^9-row table takes
+            # (a loose bound on a shared, loaded machine; the check is the message, the bound only catches a hang)
+            assert dt < 10, (args, dt)
 
 
 # ------------------------------------------------------------------------------------------ 4. interrupted writes
