@@ -100,7 +100,14 @@ def test_cli_writes_results_plots_and_compares(env, tmp_path):
     assert r.returncode == 2 and "--force" in r.stderr
     r = subprocess.run(cli + ["--endpoint", "triton-http", "127.0.0.1:9", "--model", "ensemble", "--out",
                               str(tmp_path / "c")] + common, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "every request failed" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --endpoint triton-http 127.0.0.1:9: cannot connect to 127.0.0.1:9") \
+        and len(r.stderr.splitlines()) == 1, r.stderr
+    # a live server that fails every request (unknown model): the run stops with the server's reason
+    r = subprocess.run(cli + ["--endpoint", "triton-grpc", env.urls["triton-grpc"], "--model", "no_such_model",
+                              "--out", str(tmp_path / "d")] + common, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "every request failed" in r.stderr and "no_such_model" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "d").exists()
 
 
 def test_compare_and_percentiles_offline():
