@@ -639,6 +639,17 @@ def test_quantize_work_dir_never_overlaps_output_or_source(ck, tmp_path, capsys,
     assert (tmp_path / work).is_file() or not (tmp_path / work).exists()
 
 
+def test_quantize_empties_but_keeps_a_work_dir_the_user_made(ck, tmp_path, capsys):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"input_ids": [1, 2, 3, 4]}\n' * 2)
+    (tmp_path / "spill").mkdir()
+    rc, err = run_cli(capsys, "quantize", ck, tmp_path / "q", "--qformat", "fp8", "--mode", "streamed",
+                      "--calib", calib, "--num-samples", "2", "--work-dir", tmp_path / "spill")
+    assert rc == 0, err
+    assert (tmp_path / "q" / "hf_quant_config.json").is_file()
+    assert (tmp_path / "spill").is_dir() and list((tmp_path / "spill").iterdir()) == []
+
+
 def test_an_output_inside_the_input_checkpoint_is_refused(ck, tmp_path, capsys):
     """A checkpoint nested in its source: a later `--force` on the source would delete it with it."""
     before = tree(ck)

@@ -119,8 +119,10 @@ class Spill:
             if work.exists() and any(work.iterdir()):
                 raise UserError(f"{work}: exists and is not a quantize work directory; remove it or pass another "
                                 "--work-dir")
+            made = not work.exists()
             work.mkdir(parents=True, exist_ok=True)
-            self.state = {"key": key, "done": [], "amax": {}}
+            # a directory the user made (an empty --work-dir) is emptied at the end, never deleted
+            self.state = {"key": key, "done": [], "amax": {}, "made_dir": made}
             self.save()
 
     def save(self) -> None:
@@ -218,5 +220,12 @@ def run_streamed(src: Path, cfg: LoopConfig, index: dict, samples: list[list[int
 
 
 def remove_work(work: Path) -> None:
-    if (work / STATE).is_file():
+    """Delete the spill of a finished run: the directory if this run made it, else only its own files."""
+    state = work / STATE
+    if not state.is_file():
+        return
+    if json.loads(state.read_text()).get("made_dir", True):
         shutil.rmtree(work, ignore_errors=True)
+        return
+    for p in work.iterdir():  # the directory was empty when the run began: everything in it is the spill's
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
